@@ -1,0 +1,69 @@
+"""Reference (plain jnp, materialised mask) attention over packed token batches."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def attention_mask(
+    q_pos: jax.Array,
+    k_pos: jax.Array,
+    q_seg: jax.Array,
+    k_seg: jax.Array,
+    sliding_window: int | None = None,
+) -> jax.Array:
+    """Which keys each query may attend to, bool [T, S].
+
+    Query i sees key j iff they share a segment id, ``k_pos[j] <= q_pos[i]`` (causal) and,
+    with a sliding window, ``q_pos[i] - k_pos[j] < sliding_window``.
+
+    Args:
+      q_pos, q_seg: int32 [T], position and segment id of each query.
+      k_pos, k_seg: int32 [S], position and segment id of each key.
+      sliding_window: static window length in tokens, or None for full causal attention.
+    """
+    delta = q_pos[:, None] - k_pos[None, :]
+    mask = (q_seg[:, None] == k_seg[None, :]) & (delta >= 0)
+    if sliding_window is not None:
+        mask &= delta < sliding_window
+    return mask
+
+
+def reference_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    q_pos: jax.Array,
+    k_pos: jax.Array,
+    q_seg: jax.Array,
+    k_seg: jax.Array,
+    sliding_window: int | None = None,
+) -> jax.Array:
+    """Grouped-query softmax attention with the mask of ``attention_mask``.
+
+    Query head h reads kv head ``h // (Hq // Hkv)`` (HF's ``repeat_kv`` order). Scores and
+    softmax are float32; the probabilities are cast back to v.dtype for the value product.
+    A query with no visible key (only possible for padding) gets a uniform average instead
+    of NaN, so padding rows stay finite.
+
+    Args:
+      q: [T, Hq, D] queries, RoPE applied.
+      k, v: [S, Hkv, D] keys (RoPE applied) and values; Hq must be a multiple of Hkv.
+      q_pos, q_seg: int32 [T]; k_pos, k_seg: int32 [S] (see ``attention_mask``).
+      sliding_window: static window length, or None.
+
+    Returns:
+      [T, Hq, D] in v.dtype.
+    """
+    t, num_heads, head_dim = q.shape
+    num_kv_heads = k.shape[1]
+    q = q.reshape(t, num_kv_heads, num_heads // num_kv_heads, head_dim)
+    scores = jnp.einsum("tkgd,skd->kgts", q, k, preferred_element_type=jnp.float32)
+    scores = scores * head_dim**-0.5
+    mask = attention_mask(q_pos, k_pos, q_seg, k_seg, sliding_window)
+    # A finite fill keeps fully masked rows NaN-free.
+    scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("kgts,skd->tkgd", probs, v)
+    return out.reshape(t, num_heads, head_dim)

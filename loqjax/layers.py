@@ -1,0 +1,71 @@
+"""Parameter-holding building blocks: Linear, RMSNorm, Embedding."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+
+class Linear(nnx.Module):
+    """``y = x @ kernel (+ bias)``, kernel [d_in, d_out] (HF's weight transposed).
+
+    The single matmul site of the seven decoder projections (q/k/v/o, gate/up/down), so
+    per-token adapters can be added here without touching the model.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        use_bias: bool = False,
+        param_dtype: jnp.dtype = jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        init = nnx.initializers.lecun_normal()
+        self.kernel = nnx.Param(init(rngs.params(), (in_features, out_features), param_dtype))
+        self.bias = nnx.Param(jnp.zeros((out_features,), param_dtype)) if use_bias else None
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x [..., d_in] -> [..., d_out], in the parameter dtype."""
+        y = x @ self.kernel[...]
+        return y if self.bias is None else y + self.bias[...]
+
+
+class RMSNorm(nnx.Module):
+    """HF Llama RMSNorm: normalise in float32, cast back to the input dtype, then scale."""
+
+    def __init__(self, dim: int, *, eps: float, param_dtype: jnp.dtype = jnp.float32):
+        self.scale = nnx.Param(jnp.ones((dim,), param_dtype))
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x [..., dim] -> [..., dim] in the promoted dtype of x and scale."""
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return self.scale[...] * x32.astype(x.dtype)
+
+
+class Embedding(nnx.Module):
+    """Token table [vocab, dim], used for input lookup and (tied or not) as the output head."""
+
+    def __init__(
+        self,
+        num_embeddings: int,
+        dim: int,
+        *,
+        param_dtype: jnp.dtype = jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        # Unit-variance logits when the table doubles as the output head.
+        init = nnx.initializers.normal(stddev=dim**-0.5)
+        self.embedding = nnx.Param(init(rngs.params(), (num_embeddings, dim), param_dtype))
+
+    def __call__(self, tokens: jax.Array) -> jax.Array:
+        """int32 [T] -> [T, dim]. Ids must lie in [0, vocab)."""
+        return self.embedding[...][tokens]
+
+    def attend(self, x: jax.Array) -> jax.Array:
+        """x [T, dim] -> float32 logits [T, vocab], accumulated in float32."""
+        return jnp.einsum("td,vd->tv", x, self.embedding[...], preferred_element_type=jnp.float32)

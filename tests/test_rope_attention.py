@@ -1,0 +1,93 @@
+"""RoPE frequencies against transformers, and the packed attention mask."""
+
+import dataclasses
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import transformers
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+from loqjax import ModelConfig
+from loqjax.attention import attention_mask, reference_attention
+from loqjax.rope import rope_inv_freq
+
+from hf_reference import HF_ARCHS
+
+LLAMA31_8B = dict(
+    hidden_size=4096,
+    num_attention_heads=32,
+    max_position_embeddings=131072,
+    rope_parameters=dict(
+        rope_type="llama3",
+        rope_theta=500000.0,
+        factor=8.0,
+        low_freq_factor=1.0,
+        high_freq_factor=4.0,
+        original_max_position_embeddings=8192,
+    ),
+)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [LLAMA31_8B, HF_ARCHS["llama3"][2] | dict(hidden_size=64, num_attention_heads=4), {}],
+    ids=["llama3.1-8b", "tiny-llama3", "default"],
+)
+def test_inv_freq_matches_transformers(kwargs):
+    hf = transformers.LlamaConfig(**kwargs)
+    rope_type = hf.rope_parameters["rope_type"]
+    init = ROPE_INIT_FUNCTIONS.get(
+        rope_type,
+        transformers.models.llama.modeling_llama.LlamaRotaryEmbedding.compute_default_rope_parameters,
+    )
+    expected = init(hf)[0].numpy()
+    np.testing.assert_allclose(rope_inv_freq(ModelConfig.from_hf(hf)), expected, rtol=1e-6)
+
+
+def test_tiny_llama3_scaling_moves_resolvable_frequencies():
+    """Guards the llama3 parity test: scaling must change angles visibly at positions < 32."""
+    hf = transformers.LlamaConfig(hidden_size=64, num_attention_heads=4, **HF_ARCHS["llama3"][2])
+    config = ModelConfig.from_hf(hf)
+    unscaled = dataclasses.replace(config, rope_scaling=None)
+    assert np.max(np.abs(rope_inv_freq(config) - rope_inv_freq(unscaled))) * 31 > 0.1
+
+
+def test_attention_mask():
+    # Two sequences, the second resuming at position 5, then two padding tokens.
+    pos = jnp.array([0, 1, 2, 5, 6, 7, 0, 0])
+    seg = jnp.array([0, 0, 0, 1, 1, 1, -1, -1])
+    mask = np.asarray(attention_mask(pos, pos, seg, seg, sliding_window=2))
+    expected = np.array(
+        [
+            [1, 0, 0, 0, 0, 0, 0, 0],
+            [1, 1, 0, 0, 0, 0, 0, 0],
+            [0, 1, 1, 0, 0, 0, 0, 0],
+            [0, 0, 0, 1, 0, 0, 0, 0],
+            [0, 0, 0, 1, 1, 0, 0, 0],
+            [0, 0, 0, 0, 1, 1, 0, 0],
+            [0, 0, 0, 0, 0, 0, 1, 1],
+            [0, 0, 0, 0, 0, 0, 1, 1],
+        ],
+        bool,
+    )
+    np.testing.assert_array_equal(mask, expected)
+    full = np.asarray(attention_mask(pos, pos, seg, seg))
+    assert full[2, 0] and not full[3, 2]
+
+
+def test_query_without_visible_keys_stays_finite():
+    rng = np.random.default_rng(0)
+    q = jnp.asarray(rng.normal(size=(2, 4, 8)), jnp.float32)
+    kv = jnp.asarray(rng.normal(size=(3, 2, 8)), jnp.float32)
+    # The padding query (segment -1) sees no key: no key shares its segment.
+    out = reference_attention(
+        q,
+        kv,
+        kv,
+        jnp.array([0, 0]),
+        jnp.array([0, 1, 2]),
+        jnp.array([0, -1]),
+        jnp.zeros(3, jnp.int32),
+    )
+    assert out.shape == (2, 4, 8) and np.isfinite(np.asarray(out)).all()
