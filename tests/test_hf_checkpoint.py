@@ -14,7 +14,7 @@ from loqjax import CheckpointError, Llama3RopeScaling, ModelConfig, load_model
 
 from hf_reference import CAPACITY, HFModel, rel_err
 
-ARCH = "llama2"  # untied head: every kind of tensor appears
+ARCH = "llama2"  # untied: lm_head.weight is a tensor of its own
 
 
 def _inputs(vocab_size):
