@@ -28,9 +28,9 @@ import sys
 import time
 
 import jax
-from jax import lax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 from pallas_kernels import segment_expand, segment_outer, segment_shrink, smlm, smlm_reference
 
@@ -38,277 +38,351 @@ TABLE_SLOTS = 32  # slots in the adapter table; active adapters are a prefix
 
 
 def layout(num_rows: int, active: int, num_segments: int):
-  """Rows split evenly into ``active`` contiguous segments, slots 0..active-1."""
-  active = min(active, num_rows)
-  ends = np.linspace(0, num_rows, active + 1).astype(np.int32)[1:]
-  seg_ends = np.full((num_segments,), num_rows, np.int32)
-  seg_slots = np.full((num_segments,), -1, np.int32)
-  seg_ends[:active], seg_slots[:active] = ends, np.arange(active)
-  group_sizes = np.zeros((TABLE_SLOTS,), np.int32)
-  group_sizes[:active] = np.diff(np.concatenate([[0], ends]))
-  return jnp.asarray(seg_ends), jnp.asarray(seg_slots), jnp.asarray(group_sizes), active
+    """Rows split evenly into ``active`` contiguous segments, slots 0..active-1."""
+    active = min(active, num_rows)
+    ends = np.linspace(0, num_rows, active + 1).astype(np.int32)[1:]
+    seg_ends = np.full((num_segments,), num_rows, np.int32)
+    seg_slots = np.full((num_segments,), -1, np.int32)
+    seg_ends[:active], seg_slots[:active] = ends, np.arange(active)
+    group_sizes = np.zeros((TABLE_SLOTS,), np.int32)
+    group_sizes[:active] = np.diff(np.concatenate([[0], ends]))
+    return jnp.asarray(seg_ends), jnp.asarray(seg_slots), jnp.asarray(group_sizes), active
 
 
 def make_inputs(key, num_rows, d, rank, dtype):
-  ks = jax.random.split(key, 5)
-  x = jax.random.normal(ks[0], (num_rows, d), dtype)
-  a = (jax.random.normal(ks[1], (TABLE_SLOTS, d, rank), jnp.float32) / np.sqrt(d)).astype(dtype)
-  b = (jax.random.normal(ks[2], (TABLE_SLOTS, rank, d), jnp.float32) / np.sqrt(rank)).astype(dtype)
-  base = jax.random.normal(ks[3], (num_rows, d), dtype)
-  scale = jnp.full((TABLE_SLOTS,), 2.0, jnp.float32)
-  g = jax.random.normal(ks[4], (num_rows, d), dtype)
-  return x, a, b, base, scale, g
+    ks = jax.random.split(key, 5)
+    x = jax.random.normal(ks[0], (num_rows, d), dtype)
+    a = (jax.random.normal(ks[1], (TABLE_SLOTS, d, rank), jnp.float32) / np.sqrt(d)).astype(dtype)
+    b = (jax.random.normal(ks[2], (TABLE_SLOTS, rank, d), jnp.float32) / np.sqrt(rank)).astype(
+        dtype
+    )
+    base = jax.random.normal(ks[3], (num_rows, d), dtype)
+    scale = jnp.full((TABLE_SLOTS,), 2.0, jnp.float32)
+    g = jax.random.normal(ks[4], (num_rows, d), dtype)
+    return x, a, b, base, scale, g
 
 
 # --- the methods: y = base + scale * lora(x) ---------------------------------
 
+
 def ours_fwd(x, a, b, base, scale, seg_ends, seg_slots, group_sizes):
-  return smlm(x, a, b, scale, seg_ends, seg_slots, base)
+    return smlm(x, a, b, scale, seg_ends, seg_slots, base)
 
 
 def ragged_fwd(x, a, b, base, scale, seg_ends, seg_slots, group_sizes):
-  h = lax.ragged_dot(x, a, group_sizes, preferred_element_type=jnp.float32).astype(x.dtype)
-  y = lax.ragged_dot(h, b, group_sizes, preferred_element_type=jnp.float32)
-  row_scale = jnp.repeat(scale, group_sizes, total_repeat_length=x.shape[0])
-  return (base + y * row_scale[:, None]).astype(base.dtype)
+    h = lax.ragged_dot(x, a, group_sizes, preferred_element_type=jnp.float32).astype(x.dtype)
+    y = lax.ragged_dot(h, b, group_sizes, preferred_element_type=jnp.float32)
+    row_scale = jnp.repeat(scale, group_sizes, total_repeat_length=x.shape[0])
+    return (base + y * row_scale[:, None]).astype(base.dtype)
 
 
 def loop_fwd(x, a, b, base, scale, seg_ends, seg_slots, group_sizes, active):
-  bounds = jnp.concatenate([jnp.zeros((1,), jnp.int32), jnp.cumsum(group_sizes)])
-  row = jnp.arange(x.shape[0])
-  y = base.astype(jnp.float32)
-  for n in range(active):
-    mask = (row >= bounds[n]) & (row < bounds[n + 1])
-    h = (x @ a[n]).astype(x.dtype)
-    y = y + jnp.where(mask[:, None], (h @ b[n]).astype(jnp.float32) * scale[n], 0)
-  return y.astype(base.dtype)
+    bounds = jnp.concatenate([jnp.zeros((1,), jnp.int32), jnp.cumsum(group_sizes)])
+    row = jnp.arange(x.shape[0])
+    y = base.astype(jnp.float32)
+    for n in range(active):
+        mask = (row >= bounds[n]) & (row < bounds[n + 1])
+        h = (x @ a[n]).astype(x.dtype)
+        y = y + jnp.where(mask[:, None], (h @ b[n]).astype(jnp.float32) * scale[n], 0)
+    return y.astype(base.dtype)
 
 
 def dense1_fwd(x, a, b, base, scale, seg_ends, seg_slots, group_sizes):
-  h = (x @ a[0]).astype(x.dtype)
-  return (base + (h @ b[0]).astype(jnp.float32) * scale[0]).astype(base.dtype)
+    h = (x @ a[0]).astype(x.dtype)
+    return (base + (h @ b[0]).astype(jnp.float32) * scale[0]).astype(base.dtype)
 
 
 def chained(fn, iters):
-  """jit of ``iters`` calls of ``fn``, call ``i`` on input set ``i % len(sets)``.
+    """jit of ``iters`` calls of ``fn``, call ``i`` on input set ``i % len(sets)``.
 
-  An optimization barrier ties each call's inputs to the previous call's
-  outputs, so XLA can neither merge the calls (CSE) nor reorder them, and every
-  output is returned, so none is dropped; no data moves. One dispatch covers
-  all the calls. Rotating over input sets larger than the L2 cache makes every
-  call read its operands from HBM.
-  """
-  def run(sets):
-    outs = [None]
-    for i in range(iters):
-      sets, _ = lax.optimization_barrier((sets, outs[-1]))
-      outs.append(fn(*sets[i % len(sets)]))
-    return outs[1:]
-  return jax.jit(run)
+    An optimization barrier ties each call's inputs to the previous call's
+    outputs, so XLA can neither merge the calls (CSE) nor reorder them, and every
+    output is returned, so none is dropped; no data moves. One dispatch covers
+    all the calls. Rotating over input sets larger than the L2 cache makes every
+    call read its operands from HBM.
+    """
+
+    def run(sets):
+        outs = [None]
+        for i in range(iters):
+            sets, _ = lax.optimization_barrier((sets, outs[-1]))
+            outs.append(fn(*sets[i % len(sets)]))
+        return outs[1:]
+
+    return jax.jit(run)
 
 
 L2_FLUSH_BYTES = 200 * 2**20  # rotate over at least this much data (H100 L2: 50 MB)
 
 
 def input_sets(make, set_bytes):
-  """Enough distinct input sets (``make(i)``) to cover ``L2_FLUSH_BYTES``."""
-  count = int(np.clip(np.ceil(L2_FLUSH_BYTES / set_bytes), 2, 16))
-  return [make(i) for i in range(count)]
+    """Enough distinct input sets (``make(i)``) to cover ``L2_FLUSH_BYTES``."""
+    count = int(np.clip(np.ceil(L2_FLUSH_BYTES / set_bytes), 2, 16))
+    return [make(i) for i in range(count)]
 
 
 def time_chained(fn, sets, iters, repeats):
-  """Median time of one call of ``fn`` in µs, over ``repeats`` chained runs."""
-  iters = max(iters, len(sets))
-  run = chained(fn, iters)
-  jax.block_until_ready(run(sets))
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
+    """Median time of one call of ``fn`` in µs, over ``repeats`` chained runs."""
+    iters = max(iters, len(sets))
+    run = chained(fn, iters)
     jax.block_until_ready(run(sets))
-    times.append((time.perf_counter() - t0) / iters)
-  return statistics.median(times) * 1e6
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(run(sets))
+        times.append((time.perf_counter() - t0) / iters)
+    return statistics.median(times) * 1e6
 
 
 def bench_forward(method, sets, meta, iters, repeats):
-  return time_chained(method, [(x, a, b, base, scale, *meta) for x, a, b, base, scale, g in sets],
-                      iters, repeats)
+    return time_chained(
+        method, [(x, a, b, base, scale, *meta) for x, a, b, base, scale, g in sets], iters, repeats
+    )
 
 
 def bench_backward(method, sets, meta, iters, repeats):
-  """Time of the VJP w.r.t. (x, a, b) alone: the forwards run outside the timing."""
-  vjp_sets = []
-  for x, a, b, base, scale, g in sets:
-    _, vjp = jax.vjp(lambda x, a, b: method(x, a, b, base, scale, *meta), x, a, b)
-    vjp_sets.append((vjp, g))
-  return time_chained(lambda vjp, g: vjp(g), vjp_sets, iters, repeats)
+    """Time of the VJP w.r.t. (x, a, b) alone: the forwards run outside the timing."""
+    vjp_sets = []
+    for x, a, b, base, scale, g in sets:
+        _, vjp = jax.vjp(lambda x, a, b: method(x, a, b, base, scale, *meta), x, a, b)
+        vjp_sets.append((vjp, g))
+    return time_chained(lambda vjp, g: vjp(g), vjp_sets, iters, repeats)
 
 
 def measure_copy_bandwidth(iters, repeats):
-  """Device copy bandwidth in bytes/s (read + write), with the same harness."""
-  size = 64 * 2**20  # float32 elements: 256 MiB per buffer
-  sets = [(jnp.full((size,), i, jnp.float32),) for i in range(4)]
-  seconds = time_chained(lambda v: v + 1, sets, iters, repeats) * 1e-6
-  return 2 * 4 * size / seconds
+    """Device copy bandwidth in bytes/s (read + write), with the same harness."""
+    size = 64 * 2**20  # float32 elements: 256 MiB per buffer
+    sets = [(jnp.full((size,), i, jnp.float32),) for i in range(4)]
+    seconds = time_chained(lambda v: v + 1, sets, iters, repeats) * 1e-6
+    return 2 * 4 * size / seconds
 
 
 def set_bytes(inputs):
-  return sum(v.nbytes for v in inputs)
+    return sum(v.nbytes for v in inputs)
 
 
 def floor_bytes(num_rows, d, rank, active, itemsize, backward):
-  rows = num_rows * d * itemsize
-  weights = 2 * active * d * rank * itemsize
-  if backward:  # read g, read x, write dx; read A, B; write dA, dB (whole table)
-    return 3 * rows + weights + 2 * TABLE_SLOTS * d * rank * itemsize
-  return 3 * rows + weights  # read x, read base, write y; read A, B
+    rows = num_rows * d * itemsize
+    weights = 2 * active * d * rank * itemsize
+    if backward:  # read g, read x, write dx; read A, B; write dA, dB (whole table)
+        return 3 * rows + weights + 2 * TABLE_SLOTS * d * rank * itemsize
+    return 3 * rows + weights  # read x, read base, write y; read A, B
 
 
 # --- correctness on the device ------------------------------------------------
 
+
 def check(args):
-  rng = np.random.default_rng(0)
-  worst = {}
-  for dtype, tol in ((jnp.float32, 1e-5), (jnp.bfloat16, 1e-2)):
-    for trial in range(6):
-      num_rows = int(rng.choice([1, 17, 100, 300]))
-      d_in, d_out = int(rng.choice([64, 96, 200])), int(rng.choice([64, 160]))
-      rank = int(rng.choice([8, 16, 40, 64, 128]))
-      num_slots = int(rng.integers(1, 6))
-      num_segments = int(rng.integers(1, 8))
-      ends = np.sort(rng.integers(0, num_rows + 1, num_segments)).astype(np.int32)
-      slots = rng.integers(-1, num_slots, num_segments).astype(np.int32)
-      ks = jax.random.split(jax.random.key(trial), 5)
-      x = jax.random.normal(ks[0], (num_rows, d_in), jnp.float32)
-      a = jax.random.normal(ks[1], (num_slots, d_in, rank), jnp.float32) / np.sqrt(d_in)
-      b = jax.random.normal(ks[2], (num_slots, rank, d_out), jnp.float32) / np.sqrt(rank)
-      base = jax.random.normal(ks[3], (num_rows, d_out), jnp.float32)
-      ct = jax.random.normal(ks[4], (num_rows, d_out), jnp.float32)
-      scale = jnp.asarray(rng.uniform(0.5, 2, num_slots), jnp.float32)
-      grad_rows = int(rng.integers(0, num_rows + 1))
-      cast = lambda v: v.astype(dtype)
-      ours = lambda x, a, b, base: smlm(x, a, b, scale, ends, slots, base, grad_rows)
-      y, vjp = jax.vjp(ours, cast(x), cast(a), cast(b), cast(base))
-      ref = lambda x, a, b, base: smlm_reference(x, a, b, scale, ends, slots, base)
-      mask = (np.arange(num_rows) < grad_rows)[:, None]
-      y_ref, vjp_ref = jax.vjp(ref, x, a, b, base)
-      grads, grads_ref = vjp(cast(ct)), vjp_ref(ct * mask)
-      for name, got, want in zip(("y", "dx", "da", "db", "dbase"),
-                                 (y, *grads), (y_ref, grads_ref[0] * mask, *grads_ref[1:3], ct)):
-        err = float(jnp.linalg.norm(got.astype(jnp.float32) - want) / (jnp.linalg.norm(want) + 1e-30))
-        assert np.isfinite(err) and err < tol, (dtype, trial, name, err)
-        worst[(jnp.dtype(dtype).name, name)] = max(err, worst.get((jnp.dtype(dtype).name, name), 0))
-  print("device check passed; worst relative errors:")
-  for k, v in sorted(worst.items()):
-    print(f"  {k[0]:8s} {k[1]:6s} {v:.2e}")
+    rng = np.random.default_rng(0)
+    worst = {}
+    for dtype, tol in ((jnp.float32, 1e-5), (jnp.bfloat16, 1e-2)):
+        for trial in range(6):
+            num_rows = int(rng.choice([1, 17, 100, 300]))
+            d_in, d_out = int(rng.choice([64, 96, 200])), int(rng.choice([64, 160]))
+            rank = int(rng.choice([8, 16, 40, 64, 128]))
+            num_slots = int(rng.integers(1, 6))
+            num_segments = int(rng.integers(1, 8))
+            ends = np.sort(rng.integers(0, num_rows + 1, num_segments)).astype(np.int32)
+            slots = rng.integers(-1, num_slots, num_segments).astype(np.int32)
+            ks = jax.random.split(jax.random.key(trial), 5)
+            x = jax.random.normal(ks[0], (num_rows, d_in), jnp.float32)
+            a = jax.random.normal(ks[1], (num_slots, d_in, rank), jnp.float32) / np.sqrt(d_in)
+            b = jax.random.normal(ks[2], (num_slots, rank, d_out), jnp.float32) / np.sqrt(rank)
+            base = jax.random.normal(ks[3], (num_rows, d_out), jnp.float32)
+            ct = jax.random.normal(ks[4], (num_rows, d_out), jnp.float32)
+            scale = jnp.asarray(rng.uniform(0.5, 2, num_slots), jnp.float32)
+            grad_rows = int(rng.integers(0, num_rows + 1))
+            cast = lambda v: v.astype(dtype)
+            ours = lambda x, a, b, base: smlm(x, a, b, scale, ends, slots, base, grad_rows)
+            y, vjp = jax.vjp(ours, cast(x), cast(a), cast(b), cast(base))
+            ref = lambda x, a, b, base: smlm_reference(x, a, b, scale, ends, slots, base)
+            mask = (np.arange(num_rows) < grad_rows)[:, None]
+            y_ref, vjp_ref = jax.vjp(ref, x, a, b, base)
+            grads, grads_ref = vjp(cast(ct)), vjp_ref(ct * mask)
+            for name, got, want in zip(
+                ("y", "dx", "da", "db", "dbase"),
+                (y, *grads),
+                (y_ref, grads_ref[0] * mask, *grads_ref[1:3], ct),
+            ):
+                err = float(
+                    jnp.linalg.norm(got.astype(jnp.float32) - want)
+                    / (jnp.linalg.norm(want) + 1e-30)
+                )
+                assert np.isfinite(err) and err < tol, (dtype, trial, name, err)
+                worst[(jnp.dtype(dtype).name, name)] = max(
+                    err, worst.get((jnp.dtype(dtype).name, name), 0)
+                )
+    print("device check passed; worst relative errors:")
+    for k, v in sorted(worst.items()):
+        print(f"  {k[0]:8s} {k[1]:6s} {v:.2e}")
 
 
 # --- block-size sweep and table -------------------------------------------------
 
+
 def sweep(args):
-  num_rows, d, rank, active = 4096, 4096, 16, 8
-  make = lambda i: make_inputs(jax.random.key(i), num_rows, d, rank, jnp.bfloat16)
-  sets = input_sets(make, set_bytes(make(0)))
-  x, a, b, base, scale, g = sets[0]
-  seg_ends, seg_slots, _, _ = layout(num_rows, active, 64)
-  bw = measure_copy_bandwidth(args.iters, args.repeats)
-  print(f"copy bandwidth {bw / 1e12:.2f} TB/s")
+    num_rows, d, rank, active = 4096, 4096, 16, 8
+    make = lambda i: make_inputs(jax.random.key(i), num_rows, d, rank, jnp.bfloat16)
+    sets = input_sets(make, set_bytes(make(0)))
+    x, a, b, base, scale, g = sets[0]
+    seg_ends, seg_slots, _, _ = layout(num_rows, active, 64)
+    bw = measure_copy_bandwidth(args.iters, args.repeats)
+    print(f"copy bandwidth {bw / 1e12:.2f} TB/s")
 
-  def run(name, fn, floor_bytes):
-    try:
-      t = time_chained(fn, sets, args.iters, args.repeats)
-      print(f"{name:45s} {t:8.1f} us  floor {floor_bytes / bw * 1e6:6.1f} us", flush=True)
-    except Exception as e:  # a configuration Triton cannot compile
-      print(f"{name:45s} failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
+    def run(name, fn, floor_bytes):
+        try:
+            t = time_chained(fn, sets, args.iters, args.repeats)
+            print(f"{name:45s} {t:8.1f} us  floor {floor_bytes / bw * 1e6:6.1f} us", flush=True)
+        except Exception as e:  # a configuration Triton cannot compile
+            print(f"{name:45s} failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
 
-  h = segment_shrink(x, a, seg_ends, seg_slots)  # one h for all sets: it is 128 KiB
-  for br in (16, 32, 64):
-    for bk in (128, 256):
-      for nw, ns in ((4, 3), (4, 4), (8, 3)):
-        fn = lambda x, a, b, base, scale, g, br=br, bk=bk, nw=nw, ns=ns: segment_shrink(
-            x, a, seg_ends, seg_slots, block_rows=br, block_k=bk, num_warps=nw, num_stages=ns)
-        run(f"shrink br={br} bk={bk} warps={nw} stages={ns}", fn, x.nbytes)
-  for br in (16, 32, 64):
-    for bd in (64, 128, 256):
-      for nw in (4, 8):
-        fn = lambda x, a, b, base, scale, g, br=br, bd=bd, nw=nw: segment_expand(
-            h, b, seg_ends, seg_slots, scale, base, block_rows=br, block_d=bd, num_warps=nw)
-        run(f"expand br={br} bd={bd} warps={nw}", fn, 2 * x.nbytes)
-  for br in (32, 64, 128):
-    for bp, bq in ((32, 16), (64, 16), (128, 16), (16, 64), (16, 128)):
-      for nw in (4, 8):
-        transposed_operands = bq != 16  # dB-like: lhs = h [T, R], rhs = g [T, D]
-        fn = lambda x, a, b, base, scale, g, br=br, bp=bp, bq=bq, nw=nw, t=transposed_operands: (
-            segment_outer(h if t else x, g if t else h, seg_ends, seg_slots,
-                          num_slots=TABLE_SLOTS, block_rows=br, block_p=bp, block_q=bq,
-                          num_warps=nw))
-        run(f"outer {'dB' if transposed_operands else 'dA'} br={br} bp={bp} bq={bq} warps={nw}",
-            fn, x.nbytes)
+    h = segment_shrink(x, a, seg_ends, seg_slots)  # one h for all sets: it is 128 KiB
+    for br in (16, 32, 64):
+        for bk in (128, 256):
+            for nw, ns in ((4, 3), (4, 4), (8, 3)):
+                fn = lambda x, a, b, base, scale, g, br=br, bk=bk, nw=nw, ns=ns: segment_shrink(
+                    x,
+                    a,
+                    seg_ends,
+                    seg_slots,
+                    block_rows=br,
+                    block_k=bk,
+                    num_warps=nw,
+                    num_stages=ns,
+                )
+                run(f"shrink br={br} bk={bk} warps={nw} stages={ns}", fn, x.nbytes)
+    for br in (16, 32, 64):
+        for bd in (64, 128, 256):
+            for nw in (4, 8):
+                fn = lambda x, a, b, base, scale, g, br=br, bd=bd, nw=nw: segment_expand(
+                    h, b, seg_ends, seg_slots, scale, base, block_rows=br, block_d=bd, num_warps=nw
+                )
+                run(f"expand br={br} bd={bd} warps={nw}", fn, 2 * x.nbytes)
+    for br in (32, 64, 128):
+        for bp, bq in ((32, 16), (64, 16), (128, 16), (16, 64), (16, 128)):
+            for nw in (4, 8):
+                transposed_operands = bq != 16  # dB-like: lhs = h [T, R], rhs = g [T, D]
+                fn = (
+                    lambda x, a, b, base, scale, g, br=br, bp=bp, bq=bq, nw=nw, t=transposed_operands: (
+                        segment_outer(
+                            h if t else x,
+                            g if t else h,
+                            seg_ends,
+                            seg_slots,
+                            num_slots=TABLE_SLOTS,
+                            block_rows=br,
+                            block_p=bp,
+                            block_q=bq,
+                            num_warps=nw,
+                        )
+                    )
+                )
+                run(
+                    f"outer {'dB' if transposed_operands else 'dA'} br={br} bp={bp} bq={bq} warps={nw}",
+                    fn,
+                    x.nbytes,
+                )
 
 
 def table(args):
-  bw = measure_copy_bandwidth(args.iters, args.repeats)
-  rows = []
-  configs = [(t, r, n) for t in args.tokens for r, n in
-             ((16, 1), (16, 8), (16, 32), (8, 8), (64, 8))]
-  for num_rows, rank, active in configs:
-    d = 4096
-    make = lambda i: make_inputs(jax.random.key(i), num_rows, d, rank, jnp.bfloat16)
-    sets = input_sets(make, set_bytes(make(0)))
-    seg_ends, seg_slots, group_sizes, active = layout(num_rows, active, 64)
-    meta = (seg_ends, seg_slots, group_sizes)
-    methods = {"ours": ours_fwd, "ragged_dot": ragged_fwd,
-               "loop": functools.partial(loop_fwd, active=active), "dense1": dense1_fwd}
-    row = dict(T=num_rows, d=d, r=rank, adapters=active)
-    for direction, bench in (("fwd", bench_forward), ("bwd", bench_backward)):
-      floor = floor_bytes(num_rows, d, rank, active, 2, direction == "bwd") / bw * 1e6
-      row[f"{direction}_floor"] = floor
-      for name, method in methods.items():
-        row[f"{direction}_{name}"] = bench(method, sets, meta, args.iters, args.repeats)
-    rows.append(row)
-    print(json.dumps(row), file=sys.stderr, flush=True)
-  print_table(rows, bw)
-  return rows
+    bw = measure_copy_bandwidth(args.iters, args.repeats)
+    rows = []
+    configs = [
+        (t, r, n) for t in args.tokens for r, n in ((16, 1), (16, 8), (16, 32), (8, 8), (64, 8))
+    ]
+    for num_rows, rank, active in configs:
+        d = 4096
+        make = lambda i: make_inputs(jax.random.key(i), num_rows, d, rank, jnp.bfloat16)
+        sets = input_sets(make, set_bytes(make(0)))
+        seg_ends, seg_slots, group_sizes, active = layout(num_rows, active, 64)
+        meta = (seg_ends, seg_slots, group_sizes)
+        methods = {
+            "ours": ours_fwd,
+            "ragged_dot": ragged_fwd,
+            "loop": functools.partial(loop_fwd, active=active),
+            "dense1": dense1_fwd,
+        }
+        row = dict(T=num_rows, d=d, r=rank, adapters=active)
+        for direction, bench in (("fwd", bench_forward), ("bwd", bench_backward)):
+            floor = floor_bytes(num_rows, d, rank, active, 2, direction == "bwd") / bw * 1e6
+            row[f"{direction}_floor"] = floor
+            for name, method in methods.items():
+                row[f"{direction}_{name}"] = bench(method, sets, meta, args.iters, args.repeats)
+        rows.append(row)
+        print(json.dumps(row), file=sys.stderr, flush=True)
+    print_table(rows, bw)
+    return rows
 
 
 def print_table(rows, bw):
-  print(f"\n{datetime.date.today()}  {jax.devices()[0].device_kind}  jax {jax.__version__}  "
-        f"copy {bw / 1e12:.2f} TB/s  bf16, d=4096, table of {TABLE_SLOTS} slots; times in µs")
-  head = ("T", "r", "n", "fwd ours", "floor", "x floor", "ragged", "vs ragged", "loop", "dense1",
-          "bwd ours", "floor", "x floor", "ragged", "vs ragged", "loop", "dense1")
-  print("| " + " | ".join(head) + " |")
-  print("|" + "---|" * len(head))
-  for r in rows:
-    cells = [r["T"], r["r"], r["adapters"]]
-    for dn in ("fwd", "bwd"):
-      ours, floor = r[f"{dn}_ours"], r[f"{dn}_floor"]
-      cells += [f"{ours:.1f}", f"{floor:.1f}", f"{ours / floor:.2f}", f"{r[f'{dn}_ragged_dot']:.1f}",
-                f"{r[f'{dn}_ragged_dot'] / ours:.1f}x", f"{r[f'{dn}_loop']:.1f}",
-                f"{r[f'{dn}_dense1']:.1f}"]
-    print("| " + " | ".join(str(c) for c in cells) + " |")
+    print(
+        f"\n{datetime.date.today()}  {jax.devices()[0].device_kind}  jax {jax.__version__}  "
+        f"copy {bw / 1e12:.2f} TB/s  bf16, d=4096, table of {TABLE_SLOTS} slots; times in µs"
+    )
+    head = (
+        "T",
+        "r",
+        "n",
+        "fwd ours",
+        "floor",
+        "x floor",
+        "ragged",
+        "vs ragged",
+        "loop",
+        "dense1",
+        "bwd ours",
+        "floor",
+        "x floor",
+        "ragged",
+        "vs ragged",
+        "loop",
+        "dense1",
+    )
+    print("| " + " | ".join(head) + " |")
+    print("|" + "---|" * len(head))
+    for r in rows:
+        cells = [r["T"], r["r"], r["adapters"]]
+        for dn in ("fwd", "bwd"):
+            ours, floor = r[f"{dn}_ours"], r[f"{dn}_floor"]
+            cells += [
+                f"{ours:.1f}",
+                f"{floor:.1f}",
+                f"{ours / floor:.2f}",
+                f"{r[f'{dn}_ragged_dot']:.1f}",
+                f"{r[f'{dn}_ragged_dot'] / ours:.1f}x",
+                f"{r[f'{dn}_loop']:.1f}",
+                f"{r[f'{dn}_dense1']:.1f}",
+            ]
+        print("| " + " | ".join(str(c) for c in cells) + " |")
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--check", action="store_true")
-  parser.add_argument("--sweep", action="store_true")
-  parser.add_argument("--table", action="store_true")
-  parser.add_argument("--iters", type=int, default=20)
-  parser.add_argument("--repeats", type=int, default=5)
-  parser.add_argument("--tokens", type=int, nargs="+", default=[16, 256, 4096, 16384],
-                      help="table: the values of T")
-  parser.add_argument("--json", help="write the table rows here")
-  args = parser.parse_args()
-  print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}", flush=True)
-  if args.check:
-    check(args)
-  if args.sweep:
-    sweep(args)
-  if args.table:
-    rows = table(args)
-    if args.json:
-      with open(args.json, "w") as f:
-        json.dump(rows, f, indent=1)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true")
+    parser.add_argument("--sweep", action="store_true")
+    parser.add_argument("--table", action="store_true")
+    parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument(
+        "--tokens",
+        type=int,
+        nargs="+",
+        default=[16, 256, 4096, 16384],
+        help="table: the values of T",
+    )
+    parser.add_argument("--json", help="write the table rows here")
+    args = parser.parse_args()
+    print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}", flush=True)
+    if args.check:
+        check(args)
+    if args.sweep:
+        sweep(args)
+    if args.table:
+        rows = table(args)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(rows, f, indent=1)
 
 
 if __name__ == "__main__":
-  main()
+    main()

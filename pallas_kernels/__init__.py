@@ -9,10 +9,10 @@ from pallas_kernels.outer import segment_outer
 from pallas_kernels.reference import smlm_reference
 from pallas_kernels.segments import (
     RowTiles,
-    SlotTiles,
-    group_tiles_by_slot,
+    SlotChunks,
     normalize_segments,
     plan_row_tiles,
+    plan_slot_chunks,
     token_slots,
 )
 from pallas_kernels.shrink import segment_shrink
@@ -20,10 +20,10 @@ from pallas_kernels.smlm import smlm
 
 __all__ = [
     "RowTiles",
-    "SlotTiles",
-    "group_tiles_by_slot",
+    "SlotChunks",
     "normalize_segments",
     "plan_row_tiles",
+    "plan_slot_chunks",
     "segment_expand",
     "segment_outer",
     "segment_shrink",

@@ -2,10 +2,11 @@
 
 The LoRA weight gradients are reductions over the rows of each slot:
 ``dA[n] = X_n^T (dY_n B_n^T) s_n`` (``lhs = X``, ``rhs = mid``) and
-``dB[n] = s_n (X_n A_n)^T dY_n`` (``lhs = H``, ``rhs = dY``). The grid is
-(slot, lhs column block, rhs column block); each program walks the row tiles of
-its slot in a fixed order and accumulates in float32, so results are
-deterministic (no atomics). Slots without rows write zeros.
+``dB[n] = s_n (X_n A_n)^T dY_n`` (``lhs = H``, ``rhs = dY``). The rows of each
+slot are cut into chunks (``plan_slot_chunks``); the grid is (chunk, lhs
+column block, rhs column block), so one adapter with many rows still fills the
+GPU. Each program writes a float32 partial; the partials of a slot are then
+summed in a fixed order, so results are deterministic (no atomics).
 """
 
 from __future__ import annotations
@@ -13,52 +14,68 @@ from __future__ import annotations
 import functools
 
 import jax
+import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
-import jax.numpy as jnp
 
 from pallas_kernels.platform import axis_mask, block_mask, default_interpret, load
-from pallas_kernels.segments import group_tiles_by_slot, plan_row_tiles
+from pallas_kernels.segments import plan_row_tiles, plan_slot_chunks
 
 
 def _outer_kernel(
-    start_ref, length_ref,   # [W] int32: row tiles sorted by slot
-    begin_ref, end_ref,      # [N] int32: each slot's range of tiles
-    lhs_ref,                 # [T, P]
-    rhs_ref,                 # [T, Q]
-    *refs,                   # ([N] float32 scale,) if scaled, then out [N, P, Q]
-    block_rows: int, block_p: int, block_q: int,
+    start_ref,
+    length_ref,  # [W] int32: row tiles sorted by slot
+    begin_ref,
+    end_ref,  # [C] int32: each chunk's range of tiles
+    lhs_ref,  # [T, P]
+    rhs_ref,  # [T, Q]
+    out_ref,  # [C, P, Q] float32 partials
+    *,
+    block_rows: int,
+    block_p: int,
+    block_q: int,
 ):
-  *scale_ref, out_ref = refs
-  slot, p_block, q_block = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-  num_p, num_q = lhs_ref.shape[1], rhs_ref.shape[1]
-  p_cols = pl.ds(p_block * block_p, block_p)
-  q_cols = pl.ds(q_block * block_q, block_q)
-  p_mask = axis_mask(p_block, block_p, num_p)
-  q_mask = axis_mask(q_block, block_q, num_q)
+    chunk, p_block, q_block = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    num_p, num_q = lhs_ref.shape[1], rhs_ref.shape[1]
+    p_cols = pl.ds(p_block * block_p, block_p)
+    q_cols = pl.ds(q_block * block_q, block_q)
+    p_mask = axis_mask(p_block, block_p, num_p)
+    q_mask = axis_mask(q_block, block_q, num_q)
 
-  def accumulate(i, acc):
-    rows = pl.ds(start_ref[i], block_rows)
-    row_mask = jnp.arange(block_rows) < length_ref[i]
-    lhs = load(lhs_ref.at[rows, p_cols], block_mask(row_mask, p_mask))
-    rhs = load(rhs_ref.at[rows, q_cols], block_mask(row_mask, q_mask))
-    return acc + lax.dot_general(
-        lhs, rhs.astype(lhs.dtype), (((0,), (0,)), ((), ())),
-        precision=lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
+    def accumulate(i, acc):
+        rows = pl.ds(start_ref[i], block_rows)
+        row_mask = jnp.arange(block_rows) < length_ref[i]
+        lhs = load(lhs_ref.at[rows, p_cols], block_mask(row_mask, p_mask))
+        rhs = load(rhs_ref.at[rows, q_cols], block_mask(row_mask, q_mask))
+        return acc + lax.dot_general(
+            lhs,
+            rhs.astype(lhs.dtype),
+            (((0,), (0,)), ((), ())),
+            precision=lax.Precision.HIGHEST,
+            preferred_element_type=jnp.float32,
+        )
 
-  acc = lax.fori_loop(begin_ref[slot], end_ref[slot], accumulate,
-                      jnp.zeros((block_p, block_q), jnp.float32))
-  if scale_ref:
-    acc = acc * scale_ref[0][slot]
-  plgpu.store(out_ref.at[slot, p_cols, q_cols], acc.astype(out_ref.dtype),
-              mask=block_mask(p_mask, q_mask))
+    acc = lax.fori_loop(
+        begin_ref[chunk], end_ref[chunk], accumulate, jnp.zeros((block_p, block_q), jnp.float32)
+    )
+    plgpu.store(out_ref.at[chunk, p_cols, q_cols], acc, mask=block_mask(p_mask, q_mask))
 
 
 @functools.partial(
     jax.jit,
-    static_argnames=("num_slots", "out_dtype", "block_rows", "block_p", "block_q",
-                     "num_warps", "num_stages", "interpret"))
+    static_argnames=(
+        "num_slots",
+        "out_dtype",
+        "block_rows",
+        "block_p",
+        "block_q",
+        "tiles_per_chunk",
+        "num_warps",
+        "num_stages",
+        "interpret",
+    ),
+)
 def segment_outer(
     lhs: jax.Array,
     rhs: jax.Array,
@@ -72,37 +89,45 @@ def segment_outer(
     block_rows: int = 64,
     block_p: int = 128,
     block_q: int = 64,
+    tiles_per_chunk: int = 8,
     num_warps: int = 4,
     num_stages: int = 2,
     interpret: bool | None = None,
 ) -> jax.Array:
-  """Per-slot ``scale[n] * lhs_n^T @ rhs_n`` over the rows of slot ``n``.
+    """Per-slot ``scale[n] * lhs_n^T @ rhs_n`` over the rows of slot ``n``.
 
-  Args:
-    lhs: ``[T, P]``; rhs: ``[T, Q]``.
-    seg_ends, seg_slots: ``[S]`` int32 segment metadata (see ``segments``).
-    scale: optional ``[N]`` per-slot multiplier.
-    row_limit: optional int32 scalar; rows at or past it are left out.
-    num_slots: ``N``, the number of slots of the adapter table.
-  Returns:
-    ``[N, P, Q]`` in ``out_dtype``; zero for slots without rows.
-  """
-  num_rows, num_p = lhs.shape
-  num_q = rhs.shape[1]
-  assert rhs.shape[0] == num_rows, (lhs.shape, rhs.shape)
-  tiles = plan_row_tiles(seg_ends, seg_slots, num_rows, num_slots, block_rows, row_limit)
-  grouped = group_tiles_by_slot(tiles, num_slots)
-  block_p = min(block_p, max(16, pl.next_power_of_2(num_p)))
-  block_q = min(block_q, max(16, pl.next_power_of_2(num_q)))
-  kernel = functools.partial(
-      _outer_kernel, block_rows=block_rows, block_p=block_p, block_q=block_q)
-  scale_operand = () if scale is None else (scale.astype(jnp.float32),)
-  return pl.pallas_call(
-      kernel,
-      grid=(num_slots, pl.cdiv(num_p, block_p), pl.cdiv(num_q, block_q)),
-      out_shape=jax.ShapeDtypeStruct((num_slots, num_p, num_q), out_dtype),
-      compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
-      interpret=default_interpret() if interpret is None else interpret,
-      name="smlm_outer",
-  )(grouped.tiles.start, grouped.tiles.length, grouped.begin, grouped.end,
-    lhs, rhs, *scale_operand)
+    Args:
+      lhs: ``[T, P]``; rhs: ``[T, Q]``.
+      seg_ends, seg_slots: ``[S]`` int32 segment metadata (see ``segments``).
+      scale: optional ``[N]`` per-slot multiplier.
+      row_limit: optional int32 scalar; rows at or past it are left out.
+      num_slots: ``N``, the number of slots of the adapter table.
+    Returns:
+      ``[N, P, Q]`` in ``out_dtype``; zero for slots without rows.
+    """
+    num_rows, num_p = lhs.shape
+    num_q = rhs.shape[1]
+    assert rhs.shape[0] == num_rows, (lhs.shape, rhs.shape)
+    tiles = plan_row_tiles(seg_ends, seg_slots, num_rows, num_slots, block_rows, row_limit)
+    chunks = plan_slot_chunks(tiles, num_slots, tiles_per_chunk)
+    block_p = min(block_p, max(16, pl.next_power_of_2(num_p)))
+    block_q = min(block_q, max(16, pl.next_power_of_2(num_q)))
+    kernel = functools.partial(
+        _outer_kernel, block_rows=block_rows, block_p=block_p, block_q=block_q
+    )
+    num_chunks = chunks.slot.shape[0]
+    partials = pl.pallas_call(
+        kernel,
+        grid=(num_chunks, pl.cdiv(num_p, block_p), pl.cdiv(num_q, block_q)),
+        out_shape=jax.ShapeDtypeStruct((num_chunks, num_p, num_q), jnp.float32),
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        interpret=default_interpret() if interpret is None else interpret,
+        name="smlm_outer",
+    )(chunks.tiles.start, chunks.tiles.length, chunks.begin, chunks.end, lhs, rhs)
+    # Sum each slot's partials: a one-hot contraction in full float32, in a
+    # fixed order (a scatter-add would race on GPUs). Unused chunks have slot N.
+    owner = (chunks.slot[:, None] == jnp.arange(num_slots)[None, :]).astype(jnp.float32)
+    out = jnp.einsum("cn,cpq->npq", owner, partials, precision=lax.Precision.HIGHEST)
+    if scale is not None:
+        out = out * scale.astype(jnp.float32)[:, None, None]
+    return out.astype(out_dtype)

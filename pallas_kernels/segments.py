@@ -26,33 +26,39 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import jax
-from jax.experimental import pallas as pl
 import jax.numpy as jnp
+from jax.experimental import pallas as pl
 
 
 class RowTiles(NamedTuple):
-  """Row tiles covering rows ``[0, T)`` exactly once; all int32 ``[W]``.
+    """Row tiles covering rows ``[0, T)`` exactly once; all int32 ``[W]``.
 
-  Tile ``w`` covers rows ``[start[w], start[w] + length[w])`` (``length <=
-  block_rows``) with adapter ``slot[w]`` (``-1``: none). Tiles past the real
-  count have ``length == 0``.
-  """
+    Tile ``w`` covers rows ``[start[w], start[w] + length[w])`` (``length <=
+    block_rows``) with adapter ``slot[w]`` (``-1``: none). Tiles past the real
+    count have ``length == 0``.
+    """
 
-  slot: jax.Array
-  start: jax.Array
-  length: jax.Array
+    slot: jax.Array
+    start: jax.Array
+    length: jax.Array
 
 
-class SlotTiles(NamedTuple):
-  """Row tiles grouped by slot, for kernels that reduce over rows per slot.
+class SlotChunks(NamedTuple):
+    """Row tiles sorted by slot and cut into chunks, each of one slot only.
 
-  ``tiles`` are the row tiles sorted by slot (no-adapter tiles last); the tiles
-  of slot ``n`` are ``tiles[begin[n]:end[n]]``. ``begin``/``end``: int32 ``[N]``.
-  """
+    Kernels that reduce over the rows of each slot (the weight gradients) give
+    every chunk its own program, so a slot with many rows still spreads over the
+    whole GPU, and sum the per-chunk partial results afterwards, in a fixed order.
 
-  tiles: RowTiles
-  begin: jax.Array
-  end: jax.Array
+    * ``tiles``: the row tiles sorted by slot (adapter-free tiles last).
+    * ``slot [C]``: the slot of each chunk (``num_slots`` for unused chunks).
+    * ``begin [C]``, ``end [C]``: each chunk's range of sorted tiles.
+    """
+
+    tiles: RowTiles
+    slot: jax.Array
+    begin: jax.Array
+    end: jax.Array
 
 
 def normalize_segments(
@@ -62,26 +68,26 @@ def normalize_segments(
     num_slots: int,
     row_limit: jax.Array | int | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """Returns ``(starts, ends, slots)``, int32 ``[S + 1]``, tiling ``[0, T)``.
+    """Returns ``(starts, ends, slots)``, int32 ``[S + 1]``, tiling ``[0, T)``.
 
-  The extra last segment is the adapter-free tail ``[seg_ends[-1], T)``. Rows
-  at or past ``row_limit`` (if given) are moved into that tail, which is how
-  the backward restricts gradients to the leading training rows.
-  """
-  ends = jnp.clip(jax.lax.cummax(seg_ends.astype(jnp.int32)), 0, num_rows)
-  if row_limit is not None:
-    ends = jnp.minimum(ends, jnp.asarray(row_limit, jnp.int32))
-  starts = jnp.concatenate([jnp.zeros((1,), jnp.int32), ends])
-  ends = jnp.concatenate([ends, jnp.full((1,), num_rows, jnp.int32)])
-  slots = seg_slots.astype(jnp.int32)
-  slots = jnp.where((slots >= 0) & (slots < num_slots), slots, -1)
-  slots = jnp.concatenate([slots, jnp.full((1,), -1, jnp.int32)])
-  return starts, ends, slots
+    The extra last segment is the adapter-free tail ``[seg_ends[-1], T)``. Rows
+    at or past ``row_limit`` (if given) are moved into that tail, which is how
+    the backward restricts gradients to the leading training rows.
+    """
+    ends = jnp.clip(jax.lax.cummax(seg_ends.astype(jnp.int32)), 0, num_rows)
+    if row_limit is not None:
+        ends = jnp.minimum(ends, jnp.asarray(row_limit, jnp.int32))
+    starts = jnp.concatenate([jnp.zeros((1,), jnp.int32), ends])
+    ends = jnp.concatenate([ends, jnp.full((1,), num_rows, jnp.int32)])
+    slots = seg_slots.astype(jnp.int32)
+    slots = jnp.where((slots >= 0) & (slots < num_slots), slots, -1)
+    slots = jnp.concatenate([slots, jnp.full((1,), -1, jnp.int32)])
+    return starts, ends, slots
 
 
 def max_row_tiles(num_rows: int, num_segments: int, block_rows: int) -> int:
-  """Static bound on the number of row tiles: each segment adds one partial."""
-  return pl.cdiv(num_rows, block_rows) + num_segments + 1
+    """Static bound on the number of row tiles: each segment adds one partial."""
+    return pl.cdiv(num_rows, block_rows) + num_segments + 1
 
 
 def plan_row_tiles(
@@ -92,52 +98,74 @@ def plan_row_tiles(
     block_rows: int,
     row_limit: jax.Array | int | None = None,
 ) -> RowTiles:
-  """Splits every segment into tiles of at most ``block_rows`` rows."""
-  starts, ends, slots = normalize_segments(
-      seg_ends, seg_slots, num_rows, num_slots, row_limit)
-  tiles_per_segment = pl.cdiv(ends - starts, block_rows)
-  last_tile = jnp.cumsum(tiles_per_segment)  # inclusive
-  num_tiles = max_row_tiles(num_rows, seg_ends.shape[0], block_rows)
-  tile = jnp.arange(num_tiles, dtype=jnp.int32)
-  segment = _searchsorted(last_tile, tile, side="right")
-  segment = jnp.minimum(segment, starts.shape[0] - 1).astype(jnp.int32)
-  first_tile = last_tile[segment] - tiles_per_segment[segment]
-  start = starts[segment] + (tile - first_tile) * block_rows
-  length = jnp.clip(ends[segment] - start, 0, block_rows)
-  length = jnp.where(tile < last_tile[-1], length, 0)
-  start = jnp.where(length > 0, start, 0)
-  return RowTiles(slots[segment], start.astype(jnp.int32), length.astype(jnp.int32))
+    """Splits every segment into tiles of at most ``block_rows`` rows."""
+    starts, ends, slots = normalize_segments(seg_ends, seg_slots, num_rows, num_slots, row_limit)
+    tiles_per_segment = pl.cdiv(ends - starts, block_rows)
+    last_tile = jnp.cumsum(tiles_per_segment)  # inclusive
+    num_tiles = max_row_tiles(num_rows, seg_ends.shape[0], block_rows)
+    tile = jnp.arange(num_tiles, dtype=jnp.int32)
+    segment = _searchsorted(last_tile, tile, side="right")
+    segment = jnp.minimum(segment, starts.shape[0] - 1).astype(jnp.int32)
+    first_tile = last_tile[segment] - tiles_per_segment[segment]
+    start = starts[segment] + (tile - first_tile) * block_rows
+    length = jnp.clip(ends[segment] - start, 0, block_rows)
+    length = jnp.where(tile < last_tile[-1], length, 0)
+    start = jnp.where(length > 0, start, 0)
+    return RowTiles(slots[segment], start.astype(jnp.int32), length.astype(jnp.int32))
 
 
-def group_tiles_by_slot(tiles: RowTiles, num_slots: int) -> SlotTiles:
-  """Sorts tiles by slot (stable) and returns each slot's range of tiles."""
-  key = jnp.where((tiles.slot >= 0) & (tiles.length > 0), tiles.slot, num_slots)
-  # A counting sort: tile i goes after every tile with a smaller key and after
-  # the earlier tiles with its key. O(W^2) compares, one fused kernel, and no
-  # sort or loop in the step (W is a few hundred).
-  index = jnp.arange(key.shape[0])
-  before = (key[None, :] < key[:, None]) | (
-      (key[None, :] == key[:, None]) & (index[None, :] < index[:, None]))
-  position = jnp.sum(before, axis=1)
-  sorted_tiles = RowTiles(*(jnp.zeros_like(field).at[position].set(field) for field in tiles))
-  slot_ids = jnp.arange(num_slots, dtype=jnp.int32)
-  begin = jnp.sum(key[None, :] < slot_ids[:, None], axis=1).astype(jnp.int32)
-  end = jnp.sum(key[None, :] <= slot_ids[:, None], axis=1).astype(jnp.int32)
-  return SlotTiles(sorted_tiles, begin, end)
+def max_slot_chunks(num_tiles: int, num_slots: int, tiles_per_chunk: int) -> int:
+    """Static bound on the number of chunks: each slot adds one partial chunk."""
+    return pl.cdiv(num_tiles, tiles_per_chunk) + num_slots
+
+
+def plan_slot_chunks(tiles: RowTiles, num_slots: int, tiles_per_chunk: int) -> SlotChunks:
+    """Sorts tiles by slot and cuts each slot's run into chunks of ``tiles_per_chunk``."""
+    key = jnp.where((tiles.slot >= 0) & (tiles.length > 0), tiles.slot, num_slots)
+    # A counting sort: tile i goes after every tile with a smaller key and after
+    # the earlier tiles with its key. O(W^2) compares in one fused kernel, with
+    # no sort or loop in the step (W is a few hundred).
+    index = jnp.arange(key.shape[0])
+    before = (key[None, :] < key[:, None]) | (
+        (key[None, :] == key[:, None]) & (index[None, :] < index[:, None])
+    )
+    position = jnp.sum(before, axis=1)
+    sorted_tiles = RowTiles(*(jnp.zeros_like(field).at[position].set(field) for field in tiles))
+
+    slot_ids = jnp.arange(num_slots, dtype=jnp.int32)
+    slot_begin = jnp.sum(key[None, :] < slot_ids[:, None], axis=1).astype(jnp.int32)
+    slot_end = jnp.sum(key[None, :] <= slot_ids[:, None], axis=1).astype(jnp.int32)
+    chunks_per_slot = pl.cdiv(slot_end - slot_begin, tiles_per_chunk)
+    last_chunk = jnp.cumsum(chunks_per_slot)  # inclusive
+    num_chunks = max_slot_chunks(key.shape[0], num_slots, tiles_per_chunk)
+    chunk = jnp.arange(num_chunks, dtype=jnp.int32)
+    slot = jnp.minimum(_searchsorted(last_chunk, chunk, side="right"), num_slots - 1)
+    valid = chunk < last_chunk[-1]
+    begin = (
+        slot_begin[slot] + (chunk - (last_chunk[slot] - chunks_per_slot[slot])) * tiles_per_chunk
+    )
+    end = jnp.minimum(begin + tiles_per_chunk, slot_end[slot])
+    return SlotChunks(
+        sorted_tiles,
+        jnp.where(valid, slot, num_slots).astype(jnp.int32),
+        jnp.where(valid, begin, 0).astype(jnp.int32),
+        jnp.where(valid, end, 0).astype(jnp.int32),
+    )
 
 
 def token_slots(
     seg_ends: jax.Array, seg_slots: jax.Array, num_rows: int, num_slots: int
 ) -> jax.Array:
-  """The adapter slot of every row, int32 ``[T]`` (``-1``: no adapter)."""
-  starts, ends, slots = normalize_segments(seg_ends, seg_slots, num_rows, num_slots)
-  del starts
-  row = jnp.arange(num_rows, dtype=jnp.int32)
-  return slots[_searchsorted(ends, row, side="right")]
+    """The adapter slot of every row, int32 ``[T]`` (``-1``: no adapter)."""
+    starts, ends, slots = normalize_segments(seg_ends, seg_slots, num_rows, num_slots)
+    del starts
+    row = jnp.arange(num_rows, dtype=jnp.int32)
+    return slots[_searchsorted(ends, row, side="right")]
 
 
 def _searchsorted(sorted_values: jax.Array, queries: jax.Array, side: str) -> jax.Array:
-  """``jnp.searchsorted`` by comparing all pairs: one fused kernel on a GPU,
-  where the default binary search is a device loop that syncs with the host."""
-  return jnp.searchsorted(sorted_values, queries, side=side, method="compare_all").astype(jnp.int32)
-
+    """``jnp.searchsorted`` by comparing all pairs: one fused kernel on a GPU,
+    where the default binary search is a device loop that syncs with the host."""
+    return jnp.searchsorted(sorted_values, queries, side=side, method="compare_all").astype(
+        jnp.int32
+    )

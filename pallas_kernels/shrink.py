@@ -12,64 +12,84 @@ from __future__ import annotations
 import functools
 
 import jax
+import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
-import jax.numpy as jnp
 
 from pallas_kernels.platform import axis_mask, block_mask, default_interpret, load, rank_block
 from pallas_kernels.segments import plan_row_tiles
 
 
 def _shrink_kernel(
-    slot_ref, start_ref, length_ref,  # [W] int32 each
-    x_ref,       # [T, K]
-    w_ref,       # [N, K, R], or [N, R, K] when w_transposed
-    *refs,       # ([N] float32 scale,) if scaled, then out [T, R]
-    block_rows: int, block_k: int, block_r: int, w_transposed: bool,
+    slot_ref,
+    start_ref,
+    length_ref,  # [W] int32 each
+    x_ref,  # [T, K]
+    w_ref,  # [N, K, R], or [N, R, K] when w_transposed
+    *refs,  # ([N] float32 scale,) if scaled, then out [T, R]
+    block_rows: int,
+    block_k: int,
+    block_r: int,
+    w_transposed: bool,
 ):
-  *scale_ref, out_ref = refs
-  tile = pl.program_id(0)
-  slot, length = slot_ref[tile], length_ref[tile]
-  num_k, rank = x_ref.shape[1], out_ref.shape[1]
-  rows = pl.ds(start_ref[tile], block_rows)
-  row_mask = jnp.arange(block_rows) < length
-  r_mask = axis_mask(0, block_r, rank)
+    *scale_ref, out_ref = refs
+    tile = pl.program_id(0)
+    slot, length = slot_ref[tile], length_ref[tile]
+    num_k, rank = x_ref.shape[1], out_ref.shape[1]
+    rows = pl.ds(start_ref[tile], block_rows)
+    row_mask = jnp.arange(block_rows) < length
+    r_mask = axis_mask(0, block_r, rank)
 
-  def accumulate(i, acc):
-    cols = pl.ds(i * block_k, block_k)
-    k_mask = axis_mask(i, block_k, num_k)
-    x = load(x_ref.at[rows, cols], block_mask(row_mask, k_mask))
-    if w_transposed:  # w[slot] is [R, K]: contract over its second axis.
-      w = load(w_ref.at[slot, pl.ds(0, block_r), cols], block_mask(r_mask, k_mask))
-      dims = (((1,), (1,)), ((), ()))
-    else:
-      w = load(w_ref.at[slot, cols, pl.ds(0, block_r)], block_mask(k_mask, r_mask))
-      dims = (((1,), (0,)), ((), ()))
-    return acc + lax.dot_general(x.astype(w.dtype), w, dims,
-                                 precision=lax.Precision.HIGHEST,
-                                 preferred_element_type=jnp.float32)
+    def accumulate(i, acc):
+        cols = pl.ds(i * block_k, block_k)
+        k_mask = axis_mask(i, block_k, num_k)
+        x = load(x_ref.at[rows, cols], block_mask(row_mask, k_mask))
+        if w_transposed:  # w[slot] is [R, K]: contract over its second axis.
+            w = load(w_ref.at[slot, pl.ds(0, block_r), cols], block_mask(r_mask, k_mask))
+            dims = (((1,), (1,)), ((), ()))
+        else:
+            w = load(w_ref.at[slot, cols, pl.ds(0, block_r)], block_mask(k_mask, r_mask))
+            dims = (((1,), (0,)), ((), ()))
+        return acc + lax.dot_general(
+            x.astype(w.dtype),
+            w,
+            dims,
+            precision=lax.Precision.HIGHEST,
+            preferred_element_type=jnp.float32,
+        )
 
-  def store(value):
-    plgpu.store(out_ref.at[rows, pl.ds(0, block_r)], value.astype(out_ref.dtype),
-                mask=block_mask(row_mask, r_mask))
+    def store(value):
+        plgpu.store(
+            out_ref.at[rows, pl.ds(0, block_r)],
+            value.astype(out_ref.dtype),
+            mask=block_mask(row_mask, r_mask),
+        )
 
-  zeros = jnp.zeros((block_rows, block_r), jnp.float32)
+    zeros = jnp.zeros((block_rows, block_r), jnp.float32)
 
-  @pl.when((length > 0) & (slot >= 0))
-  def _():
-    acc = lax.fori_loop(0, pl.cdiv(num_k, block_k), accumulate, zeros)
-    store(acc * scale_ref[0][slot] if scale_ref else acc)
+    @pl.when((length > 0) & (slot >= 0))
+    def _():
+        acc = lax.fori_loop(0, pl.cdiv(num_k, block_k), accumulate, zeros)
+        store(acc * scale_ref[0][slot] if scale_ref else acc)
 
-  @pl.when((length > 0) & (slot < 0))
-  def _():
-    store(zeros)
+    @pl.when((length > 0) & (slot < 0))
+    def _():
+        store(zeros)
 
 
 @functools.partial(
     jax.jit,
-    static_argnames=("w_transposed", "out_dtype", "block_rows", "block_k",
-                     "num_warps", "num_stages", "interpret"))
+    static_argnames=(
+        "w_transposed",
+        "out_dtype",
+        "block_rows",
+        "block_k",
+        "num_warps",
+        "num_stages",
+        "interpret",
+    ),
+)
 def segment_shrink(
     x: jax.Array,
     w: jax.Array,
@@ -86,33 +106,34 @@ def segment_shrink(
     num_stages: int = 4,
     interpret: bool | None = None,
 ) -> jax.Array:
-  """Per-tile ``x @ w[slot]`` (times ``scale[slot]`` if given).
+    """Per-tile ``x @ w[slot]`` (times ``scale[slot]`` if given).
 
-  Args:
-    x: ``[T, K]`` rows.
-    w: ``[N, K, R]`` stacked weights (``[N, R, K]`` if ``w_transposed``).
-    seg_ends, seg_slots: ``[S]`` int32 segment metadata (see ``segments``).
-    scale: optional ``[N]`` per-slot multiplier (float32).
-    row_limit: optional int32 scalar; rows at or past it count as adapter-free.
-  Returns:
-    ``[T, R]`` in ``out_dtype`` (default ``x.dtype``); zero on adapter-free rows.
-  """
-  num_rows, num_k = x.shape
-  rank = w.shape[1] if w_transposed else w.shape[2]
-  assert w.shape[2 if w_transposed else 1] == num_k, (x.shape, w.shape)
-  tiles = plan_row_tiles(seg_ends, seg_slots, num_rows, w.shape[0], block_rows,
-                         row_limit)
-  kernel = functools.partial(
-      _shrink_kernel, block_rows=block_rows,
-      block_k=min(block_k, max(16, pl.next_power_of_2(num_k))),
-      block_r=rank_block(rank), w_transposed=w_transposed)
-  scale_operand = () if scale is None else (scale.astype(jnp.float32),)
-  return pl.pallas_call(
-      kernel,
-      grid=(tiles.slot.shape[0],),
-      out_shape=jax.ShapeDtypeStruct((num_rows, rank), out_dtype or x.dtype),
-      compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
-      interpret=default_interpret() if interpret is None else interpret,
-      name="smlm_shrink",
-  )(*tiles, x, w, *scale_operand)
-
+    Args:
+      x: ``[T, K]`` rows.
+      w: ``[N, K, R]`` stacked weights (``[N, R, K]`` if ``w_transposed``).
+      seg_ends, seg_slots: ``[S]`` int32 segment metadata (see ``segments``).
+      scale: optional ``[N]`` per-slot multiplier (float32).
+      row_limit: optional int32 scalar; rows at or past it count as adapter-free.
+    Returns:
+      ``[T, R]`` in ``out_dtype`` (default ``x.dtype``); zero on adapter-free rows.
+    """
+    num_rows, num_k = x.shape
+    rank = w.shape[1] if w_transposed else w.shape[2]
+    assert w.shape[2 if w_transposed else 1] == num_k, (x.shape, w.shape)
+    tiles = plan_row_tiles(seg_ends, seg_slots, num_rows, w.shape[0], block_rows, row_limit)
+    kernel = functools.partial(
+        _shrink_kernel,
+        block_rows=block_rows,
+        block_k=min(block_k, max(16, pl.next_power_of_2(num_k))),
+        block_r=rank_block(rank),
+        w_transposed=w_transposed,
+    )
+    scale_operand = () if scale is None else (scale.astype(jnp.float32),)
+    return pl.pallas_call(
+        kernel,
+        grid=(tiles.slot.shape[0],),
+        out_shape=jax.ShapeDtypeStruct((num_rows, rank), out_dtype or x.dtype),
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        interpret=default_interpret() if interpret is None else interpret,
+        name="smlm_shrink",
+    )(*tiles, x, w, *scale_operand)

@@ -42,53 +42,96 @@ def smlm(
     *,
     interpret: bool | None = None,
 ) -> jax.Array:
-  """Differentiable SMLM.
+    """Differentiable SMLM.
 
-  Args:
-    x: ``[T, K]`` rows, bf16 or f32.
-    a: ``[N, K, R]`` stacked LoRA A (``x.dtype``); b: ``[N, R, D]`` stacked LoRA B.
-    scale: ``[N]`` per-slot LoRA scaling (e.g. ``alpha / r``).
-    seg_ends, seg_slots: ``[S]`` int32 segment metadata.
-    base: optional ``[T, D]`` base-layer output to add to.
-    grad_rows: optional int32 scalar: only rows before it get gradients.
-    interpret: run the kernels in interpret mode (default: unless on a GPU).
-  Returns:
-    ``[T, D]`` in ``base``'s dtype, else ``x``'s.
-  """
-  if grad_rows is not None:
-    grad_rows = jnp.asarray(grad_rows, jnp.int32)
-  return _smlm(interpret, x, a, b, scale, seg_ends, seg_slots, base, grad_rows)
+    Args:
+      x: ``[T, K]`` rows, bf16 or f32.
+      a: ``[N, K, R]`` stacked LoRA A (``x.dtype``); b: ``[N, R, D]`` stacked LoRA B.
+      scale: ``[N]`` per-slot LoRA scaling (e.g. ``alpha / r``).
+      seg_ends, seg_slots: ``[S]`` int32 segment metadata.
+      base: optional ``[T, D]`` base-layer output to add to.
+      grad_rows: optional int32 scalar: only rows before it get gradients.
+      interpret: run the kernels in interpret mode (default: unless on a GPU).
+    Returns:
+      ``[T, D]`` in ``base``'s dtype, else ``x``'s.
+    """
+    if grad_rows is not None:
+        grad_rows = jnp.asarray(grad_rows, jnp.int32)
+    return _smlm(interpret, x, a, b, scale, seg_ends, seg_slots, base, grad_rows)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _smlm(interpret, x, a, b, scale, seg_ends, seg_slots, base, grad_rows):
-  return _smlm_fwd(interpret, x, a, b, scale, seg_ends, seg_slots, base, grad_rows)[0]
+    return _smlm_fwd(interpret, x, a, b, scale, seg_ends, seg_slots, base, grad_rows)[0]
 
 
 def _smlm_fwd(interpret, x, a, b, scale, seg_ends, seg_slots, base, grad_rows):
-  h = segment_shrink(x, a, seg_ends, seg_slots, interpret=interpret)
-  y = segment_expand(h, b, seg_ends, seg_slots, scale, base,
-                     out_dtype=x.dtype if base is None else base.dtype,
-                     interpret=interpret)
-  # A zero-size array remembers base's dtype (or its absence) for the backward.
-  base_like = None if base is None else jnp.zeros((0,), base.dtype)
-  return y, (x, a, b, scale, seg_ends, seg_slots, h, grad_rows, base_like)
+    h = segment_shrink(x, a, seg_ends, seg_slots, interpret=interpret)
+    y = segment_expand(
+        h,
+        b,
+        seg_ends,
+        seg_slots,
+        scale,
+        base,
+        out_dtype=x.dtype if base is None else base.dtype,
+        interpret=interpret,
+    )
+    # A zero-size array remembers base's dtype (or its absence) for the backward.
+    base_like = None if base is None else jnp.zeros((0,), base.dtype)
+    return y, (x, a, b, scale, seg_ends, seg_slots, h, grad_rows, base_like)
 
 
 def _smlm_bwd(interpret, residuals, g):
-  x, a, b, scale, seg_ends, seg_slots, h, grad_rows, base_like = residuals
-  num_slots = a.shape[0]
-  mid = segment_shrink(g, b, seg_ends, seg_slots, scale, grad_rows,
-                       w_transposed=True, out_dtype=x.dtype, interpret=interpret)
-  dx = segment_expand(mid, a, seg_ends, seg_slots, jnp.ones((num_slots,), jnp.float32),
-                      None, grad_rows, w_transposed=True, out_dtype=x.dtype,
-                      interpret=interpret)
-  da = segment_outer(x, mid, seg_ends, seg_slots, None, grad_rows,
-                     num_slots=num_slots, out_dtype=a.dtype, interpret=interpret)
-  db = segment_outer(h, g, seg_ends, seg_slots, scale, grad_rows,
-                     num_slots=num_slots, out_dtype=b.dtype, interpret=interpret)
-  dbase = None if base_like is None else g.astype(base_like.dtype)
-  return dx, da, db, None, None, None, dbase, None
+    x, a, b, scale, seg_ends, seg_slots, h, grad_rows, base_like = residuals
+    num_slots = a.shape[0]
+    mid = segment_shrink(
+        g,
+        b,
+        seg_ends,
+        seg_slots,
+        scale,
+        grad_rows,
+        w_transposed=True,
+        out_dtype=x.dtype,
+        interpret=interpret,
+    )
+    dx = segment_expand(
+        mid,
+        a,
+        seg_ends,
+        seg_slots,
+        jnp.ones((num_slots,), jnp.float32),
+        None,
+        grad_rows,
+        w_transposed=True,
+        out_dtype=x.dtype,
+        interpret=interpret,
+    )
+    da = segment_outer(
+        x,
+        mid,
+        seg_ends,
+        seg_slots,
+        None,
+        grad_rows,
+        num_slots=num_slots,
+        out_dtype=a.dtype,
+        interpret=interpret,
+    )
+    db = segment_outer(
+        h,
+        g,
+        seg_ends,
+        seg_slots,
+        scale,
+        grad_rows,
+        num_slots=num_slots,
+        out_dtype=b.dtype,
+        interpret=interpret,
+    )
+    dbase = None if base_like is None else g.astype(base_like.dtype)
+    return dx, da, db, None, None, None, dbase, None
 
 
 _smlm.defvjp(_smlm_fwd, _smlm_bwd)

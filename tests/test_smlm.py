@@ -1,0 +1,289 @@
+"""SMLM kernels against the plain-jnp reference and its autodiff, in interpret mode.
+
+Shapes are fixed per test (one compile each), as in the product, where batch
+capacity is static; hypothesis varies the segment layout, which is data. Off
+GPU the kernels run interpreted, and the interpreter fills every output buffer
+with NaN first, so "matches the reference and is finite" also proves that every
+output element was written.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from jax.experimental import pallas as pl
+
+from pallas_kernels import (
+    plan_row_tiles,
+    plan_slot_chunks,
+    segment_expand,
+    segment_outer,
+    segment_shrink,
+    smlm,
+    smlm_reference,
+    token_slots,
+)
+
+NUM_ROWS, NUM_SEGMENTS, NUM_SLOTS = 48, 8, 5
+TOLERANCE = {jnp.float32: 1e-5, jnp.bfloat16: 1e-2}
+# (d_in, rank, d_out): a rank below the 16-wide rank block, and sizes that are
+# not multiples of the column blocks, so every masked path runs.
+SHAPES = [(32, 8, 48), (40, 20, 24)]
+
+
+def rel_err(got, want) -> float:
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    return float(np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-30))
+
+
+@st.composite
+def layouts(draw, num_rows=NUM_ROWS, num_segments=NUM_SEGMENTS, num_slots=NUM_SLOTS):
+    """Segment ends/slots: empty and one-row segments, repeated slots, slot -1,
+    an uncovered tail, and a training-row limit anywhere in the batch."""
+    lengths = draw(
+        st.lists(
+            st.sampled_from([0, 1, 2, 3, 5, 7, 16, 17, 33]),
+            min_size=num_segments,
+            max_size=num_segments,
+        )
+    )
+    ends = np.minimum(np.cumsum(lengths), num_rows).astype(np.int32)
+    slots = np.asarray(
+        draw(
+            st.lists(st.integers(-1, num_slots - 1), min_size=num_segments, max_size=num_segments)
+        ),
+        np.int32,
+    )
+    grad_rows = draw(st.integers(0, num_rows))
+    seed = draw(st.integers(0, 2**31 - 1))
+    return ends, slots, grad_rows, seed
+
+
+def make_operands(seed, d_in, rank, d_out, dtype):
+    ks = jax.random.split(jax.random.key(seed), 6)
+    x = jax.random.normal(ks[0], (NUM_ROWS, d_in))
+    a = jax.random.normal(ks[1], (NUM_SLOTS, d_in, rank)) / np.sqrt(d_in)
+    b = jax.random.normal(ks[2], (NUM_SLOTS, rank, d_out)) / np.sqrt(rank)
+    base = jax.random.normal(ks[3], (NUM_ROWS, d_out))
+    cotangent = jax.random.normal(ks[4], (NUM_ROWS, d_out))
+    scale = jax.random.uniform(ks[5], (NUM_SLOTS,), minval=0.5, maxval=2.0)
+    return tuple(v.astype(dtype) for v in (x, a, b, base, cotangent)) + (scale,)
+
+
+@functools.partial(jax.jit, static_argnames=("with_base",))
+def smlm_and_grads(x, a, b, base, cotangent, scale, ends, slots, grad_rows, with_base):
+    def f(x, a, b, base):
+        return smlm(x, a, b, scale, ends, slots, base if with_base else None, grad_rows)
+
+    y, vjp = jax.vjp(f, x, a, b, base)
+    return y, vjp(cotangent)
+
+
+@functools.partial(jax.jit, static_argnames=("with_base",))
+def reference_and_grads(x, a, b, base, cotangent, scale, ends, slots, grad_rows, with_base):
+    """The reference in float32, differentiated by JAX, on the training rows only."""
+    x, a, b, base, cotangent = (v.astype(jnp.float32) for v in (x, a, b, base, cotangent))
+    train = (jnp.arange(NUM_ROWS) < grad_rows)[:, None]
+
+    def loss(x, a, b, base):
+        y = smlm_reference(x, a, b, scale, ends, slots, base if with_base else None)
+        return jnp.sum(jnp.where(train, y * cotangent, 0.0))
+
+    grads = jax.grad(loss, argnums=(0, 1, 2, 3))(x, a, b, base)
+    y = smlm_reference(x, a, b, scale, ends, slots, base if with_base else None)
+    return y, grads
+
+
+def test_interpreter_poisons_outputs():
+    """The premise of the 'every element written' checks below."""
+    out = pl.pallas_call(
+        lambda x_ref, o_ref: None,
+        out_shape=jax.ShapeDtypeStruct((4, 4), jnp.float32),
+        interpret=True,
+    )(jnp.ones(4))
+    assert np.isnan(np.asarray(out)).all()
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@settings(max_examples=12, deadline=None)
+@given(layout=layouts(), with_base=st.booleans())
+def test_smlm_forward_and_gradients_match_reference(shape, dtype, layout, with_base):
+    check_against_reference(shape, dtype, layout, with_base)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="compiled Triton kernels need a GPU")
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+@settings(max_examples=20, deadline=None)
+@given(layout=layouts(), with_base=st.booleans())
+def test_compiled_kernels_match_reference_on_gpu(dtype, layout, with_base):
+    """The interpreted test above, on kernels compiled by Triton."""
+    check_against_reference(SHAPES[1], dtype, layout, with_base)
+
+
+def check_against_reference(shape, dtype, layout, with_base):
+    ends, slots, grad_rows, seed = layout
+    x, a, b, base, cotangent, scale = make_operands(seed, *shape, dtype)
+    args = (x, a, b, base, cotangent, scale, ends, slots, grad_rows)
+    y, (dx, da, db, dbase) = smlm_and_grads(*args, with_base=with_base)
+    y_ref, (dx_ref, da_ref, db_ref, dbase_ref) = reference_and_grads(*args, with_base=with_base)
+
+    tol = TOLERANCE[dtype]
+    for name, got, want in [
+        ("y", y, y_ref),
+        ("dx", dx, dx_ref),
+        ("da", da, da_ref),
+        ("db", db, db_ref),
+    ]:
+        assert got.dtype == dtype, name
+        assert np.isfinite(np.asarray(got, np.float32)).all(), f"{name} has unwritten elements"
+        err = rel_err(got, want)
+        assert err < tol, f"{name}: relative error {err:.2e} >= {tol}"
+    if with_base:  # the base passes straight through: its cotangent is dY itself
+        np.testing.assert_array_equal(np.asarray(dbase), np.asarray(cotangent))
+    # No gradient reaches serving rows or slots without training rows.
+    assert not np.asarray(dx, np.float32)[grad_rows:].any()
+    trained = set(np.asarray(token_slots(ends, slots, NUM_ROWS, NUM_SLOTS))[:grad_rows]) - {-1}
+    for slot in set(range(NUM_SLOTS)) - trained:
+        assert (
+            not np.asarray(da[slot], np.float32).any()
+            and not np.asarray(db[slot], np.float32).any()
+        )
+
+
+def test_padded_rank_columns_stay_zero():
+    """With A's and B's rank padding zero, outputs and gradients ignore it and
+    the padding's gradients are exactly zero (it is never trained)."""
+    d_in, rank, d_out, used_rank = 32, 16, 24, 6
+    ends = np.array([10, 30, 48, 48, 48, 48, 48, 48], np.int32)
+    slots = np.array([0, 3, 1, -1, -1, -1, -1, -1], np.int32)
+    x, a, b, base, cotangent, scale = make_operands(7, d_in, rank, d_out, jnp.float32)
+    a = a.at[:, :, used_rank:].set(0)
+    b = b.at[:, used_rank:, :].set(0)
+    y, (dx, da, db, _) = smlm_and_grads(
+        x, a, b, base, cotangent, scale, ends, slots, NUM_ROWS, with_base=True
+    )
+    y_small = smlm_reference(x, a[..., :used_rank], b[:, :used_rank], scale, ends, slots, base)
+    assert rel_err(y, y_small) < 1e-5
+    assert not np.asarray(da)[:, :, used_rank:].any()
+    assert not np.asarray(db)[:, used_rank:, :].any()
+
+
+# --- the three kernels alone, with small blocks: multi-tile segments, chunks ---
+
+
+@settings(max_examples=10, deadline=None)
+@given(layout=layouts())
+def test_kernels_with_small_blocks(layout):
+    ends, slots, grad_rows, seed = layout
+    d_in, rank, d_out = 40, 20, 24
+    x, a, b, base, g, scale = make_operands(seed, d_in, rank, d_out, jnp.float32)
+    slot = np.asarray(token_slots(ends, slots, NUM_ROWS, NUM_SLOTS))
+    slot = np.where(np.arange(NUM_ROWS) < grad_rows, slot, -1)
+    onehot = jnp.asarray(slot[:, None] == np.arange(NUM_SLOTS)[None, :], jnp.float32)  # [T, N]
+    safe = np.maximum(slot, 0)
+    hi = jax.lax.Precision.HIGHEST
+    row_scale = jnp.where(slot >= 0, scale[safe], 0.0)[:, None]
+    small = dict(block_rows=16, interpret=True)
+
+    h = segment_shrink(x, a, ends, slots, scale, grad_rows, block_k=16, **small)
+    h_ref = jnp.einsum("tk,tkr->tr", x, a[safe], precision=hi) * row_scale
+    assert rel_err(h, h_ref) < 1e-5
+
+    mid = segment_shrink(g, b, ends, slots, None, grad_rows, w_transposed=True, block_k=16, **small)
+    mid_ref = jnp.einsum("td,trd->tr", g, b[safe], precision=hi) * (slot >= 0)[:, None]
+    assert rel_err(mid, mid_ref) < 1e-5
+
+    y = segment_expand(h, b, ends, slots, scale, base, grad_rows, block_d=16, **small)
+    y_ref = base + jnp.einsum("tr,trd->td", h, b[safe], precision=hi) * row_scale
+    assert rel_err(y, y_ref) < 1e-5
+
+    dx = segment_expand(
+        mid, a, ends, slots, scale, None, grad_rows, w_transposed=True, block_d=16, **small
+    )
+    dx_ref = jnp.einsum("tr,tkr->tk", mid, a[safe], precision=hi) * row_scale
+    assert rel_err(dx, dx_ref) < 1e-5
+
+    for tiles_per_chunk in (1, 2):
+        out = segment_outer(
+            x,
+            g,
+            ends,
+            slots,
+            scale,
+            grad_rows,
+            num_slots=NUM_SLOTS,
+            block_p=16,
+            block_q=16,
+            tiles_per_chunk=tiles_per_chunk,
+            **small,
+        )
+        out_ref = jnp.einsum("tn,tp,tq->npq", onehot, x, g, precision=hi) * scale[:, None, None]
+        assert rel_err(out, out_ref) < 1e-5
+
+
+# --- the row-tile and chunk plans ---
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    layout=layouts(),
+    block_rows=st.sampled_from([1, 4, 16]),
+    tiles_per_chunk=st.sampled_from([1, 3]),
+)
+def test_plans_cover_rows_once_within_segments(layout, block_rows, tiles_per_chunk):
+    ends, slots, grad_rows, _ = layout
+    tiles = plan_row_tiles(ends, slots, NUM_ROWS, NUM_SLOTS, block_rows, grad_rows)
+    slot_of_row = np.asarray(token_slots(ends, slots, NUM_ROWS, NUM_SLOTS))
+    slot_of_row = np.where(np.arange(NUM_ROWS) < grad_rows, slot_of_row, -1)
+    covered = np.zeros(NUM_ROWS, int)
+    for slot, start, length in zip(*map(np.asarray, tiles), strict=True):
+        assert 0 <= length <= block_rows
+        covered[start : start + length] += 1
+        assert (slot_of_row[start : start + length] == slot).all()
+    np.testing.assert_array_equal(covered, 1)
+
+    chunks = plan_slot_chunks(tiles, NUM_SLOTS, tiles_per_chunk)
+    sorted_slot, sorted_length = np.asarray(chunks.tiles.slot), np.asarray(chunks.tiles.length)
+    rows_per_slot = np.zeros(NUM_SLOTS + 1, int)
+    for slot, begin, end in zip(*map(np.asarray, chunks[1:]), strict=True):
+        assert 0 <= end - begin <= tiles_per_chunk
+        assert (sorted_slot[begin:end] == slot).all()
+        rows_per_slot[slot] += sorted_length[begin:end].sum()
+    for slot in range(NUM_SLOTS):
+        assert rows_per_slot[slot] == (slot_of_row == slot).sum()
+
+
+def test_out_of_range_metadata_is_clamped():
+    """Decreasing ends, ends past T and slots outside the table are clamped
+    (no out-of-bounds access): the kernels and the reference agree on them."""
+    ends = np.array([5, 3, 30, 100, 100, 100, 100, 100], np.int32)
+    slots = np.array([7, 0, 1, 2, -5, 9, 2, 2], np.int32)
+    np.testing.assert_array_equal(
+        np.asarray(token_slots(ends, slots, NUM_ROWS, NUM_SLOTS)), [-1] * 5 + [1] * 25 + [2] * 18
+    )
+    check_against_reference(SHAPES[0], jnp.float32, (ends, slots, NUM_ROWS, 3), True)
+
+
+def test_one_compile_for_every_layout():
+    traces = []
+
+    @jax.jit
+    def step(x, a, b, scale, ends, slots):
+        traces.append(None)
+        return jax.grad(lambda x, a, b: smlm(x, a, b, scale, ends, slots).sum(), argnums=(0, 1, 2))(
+            x, a, b
+        )
+
+    x, a, b, _, _, scale = make_operands(0, 32, 8, 48, jnp.float32)
+    for lengths in ([48, 0, 0], [1, 1, 46], [20, 20, 8]):
+        ends = np.cumsum(lengths).astype(np.int32)
+        jax.block_until_ready(step(x, a, b, scale, ends, np.array([0, 1, 2], np.int32)))
+    assert len(traces) == 1
