@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+if TYPE_CHECKING:
+    from loqjax.lora import LoraBatch, LoraTable
 
 
 class Linear(nnx.Module):
     """``y = x @ kernel (+ bias)``, kernel [d_in, d_out] (HF's weight transposed).
 
     The single matmul site of the seven decoder projections (q/k/v/o, gate/up/down), so
-    per-token adapters can be added here without touching the model.
+    per-token adapters are added here: ``loqjax.lora.add_lora_tables`` sets ``lora`` to
+    a ``LoraTable`` on the targeted projections.
     """
 
     def __init__(
@@ -26,11 +32,20 @@ class Linear(nnx.Module):
         init = nnx.initializers.lecun_normal()
         self.kernel = nnx.Param(init(rngs.params(), (in_features, out_features), param_dtype))
         self.bias = nnx.Param(jnp.zeros((out_features,), param_dtype)) if use_bias else None
+        self.lora: LoraTable | None = nnx.data(None)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        """x [..., d_in] -> [..., d_out], in the parameter dtype."""
+    def __call__(self, x: jax.Array, lora: LoraBatch | None = None) -> jax.Array:
+        """x [..., d_in] -> [..., d_out], in the parameter dtype.
+
+        With a table and ``lora`` metadata, x must be [T, d_in] and each row also gets
+        its adapter slot's term; otherwise this is the base projection alone.
+        """
         y = x @ self.kernel[...]
-        return y if self.bias is None else y + self.bias[...]
+        if self.bias is not None:
+            y = y + self.bias[...]
+        if self.lora is None or lora is None:
+            return y
+        return self.lora(x, y, lora)
 
 
 class RMSNorm(nnx.Module):

@@ -9,9 +9,15 @@ in its own sequence; token i attends to token j iff they share a segment id and
 ``positions[j] <= positions[i]`` (within the sliding window, if any). A fixed-capacity
 batch is filled up with padding tokens of segment id -1: they never exchange information
 with real tokens, and their own logits are finite garbage that callers must ignore.
+
+LoRA adapters: with tables added by ``loqjax.lora.add_lora_tables``, an optional
+``LoraBatch`` picks each token's adapter slot; it is passed down unchanged to every
+projection (``Linear``), the only place that reads it.
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
@@ -21,6 +27,9 @@ from loqjax.attention import reference_attention
 from loqjax.config import ModelConfig
 from loqjax.layers import Embedding, Linear, RMSNorm
 from loqjax.rope import apply_rope, rope_cos_sin
+
+if TYPE_CHECKING:
+    from loqjax.lora import LoraBatch
 
 
 class Attention(nnx.Module):
@@ -45,16 +54,18 @@ class Attention(nnx.Module):
         sin: jax.Array,
         positions: jax.Array,
         segment_ids: jax.Array,
+        lora: LoraBatch | None = None,
     ) -> jax.Array:
         """x [T, d], cos/sin float32 [T, head_dim], positions/segment_ids int32 [T] -> [T, d]."""
         t = x.shape[0]
-        q = apply_rope(self.q_proj(x).reshape(t, self.num_heads, self.head_dim), cos, sin)
-        k = apply_rope(self.k_proj(x).reshape(t, self.num_kv_heads, self.head_dim), cos, sin)
-        v = self.v_proj(x).reshape(t, self.num_kv_heads, self.head_dim)
+        q = self.q_proj(x, lora).reshape(t, self.num_heads, self.head_dim)
+        k = self.k_proj(x, lora).reshape(t, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x, lora).reshape(t, self.num_kv_heads, self.head_dim)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         out = reference_attention(
             q, k, v, positions, positions, segment_ids, segment_ids, self.sliding_window
         )
-        return self.o_proj(out.reshape(t, self.num_heads * self.head_dim))
+        return self.o_proj(out.reshape(t, self.num_heads * self.head_dim), lora)
 
 
 class MLP(nnx.Module):
@@ -66,9 +77,10 @@ class MLP(nnx.Module):
         self.up_proj = Linear(d, f, param_dtype=param_dtype, rngs=rngs)
         self.down_proj = Linear(f, d, param_dtype=param_dtype, rngs=rngs)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, lora: LoraBatch | None = None) -> jax.Array:
         """x [T, d] -> [T, d]."""
-        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        h = jax.nn.silu(self.gate_proj(x, lora)) * self.up_proj(x, lora)
+        return self.down_proj(h, lora)
 
 
 class DecoderLayer(nnx.Module):
@@ -81,10 +93,10 @@ class DecoderLayer(nnx.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, **norm)
         self.mlp = MLP(config, param_dtype=param_dtype, rngs=rngs)
 
-    def __call__(self, x, cos, sin, positions, segment_ids):
+    def __call__(self, x, cos, sin, positions, segment_ids, lora=None):
         """Same arguments and shapes as ``Attention.__call__``; returns [T, d]."""
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, positions, segment_ids)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, positions, segment_ids, lora)
+        return x + self.mlp(self.post_attention_layernorm(x), lora)
 
 
 class CausalLM(nnx.Module):
@@ -110,7 +122,11 @@ class CausalLM(nnx.Module):
         )
 
     def __call__(
-        self, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array
+        self,
+        tokens: jax.Array,
+        positions: jax.Array,
+        segment_ids: jax.Array,
+        lora: LoraBatch | None = None,
     ) -> jax.Array:
         """Logits of a packed batch (see the module docstring for the packing rules).
 
@@ -118,6 +134,7 @@ class CausalLM(nnx.Module):
           tokens: int32 [T], ids in [0, vocab); padding may use any valid id.
           positions: int32 [T], index of each token within its sequence.
           segment_ids: int32 [T], >= 0 for real tokens, -1 for padding.
+          lora: adapter slot of each token, or None for the base model alone.
 
         Returns:
           float32 [T, vocab] next-token logits.
@@ -125,7 +142,7 @@ class CausalLM(nnx.Module):
         cos, sin = rope_cos_sin(positions, self.config)
         x = self.embed_tokens(tokens)
         for layer in self.layers:
-            x = layer(x, cos, sin, positions, segment_ids)
+            x = layer(x, cos, sin, positions, segment_ids, lora)
         x = self.norm(x)
         head = self.embed_tokens if self.lm_head is None else self.lm_head
         return head.attend(x)
