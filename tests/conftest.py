@@ -1,13 +1,23 @@
-"""Session fixtures: tiny random Hugging Face checkpoints and a shared jitted forward."""
+"""Session fixtures: tiny random Hugging Face checkpoints and PEFT adapters, models with
+adapter tables, and shared jitted forwards."""
 
 from __future__ import annotations
 
 import pytest
 from flax import nnx
 
-from loqjax import load_model
+from loqjax import AdapterRegistry, add_lora_tables, load_model, load_peft_adapter
 
-from hf_reference import HF_ARCHS, HFModel, make_torch_model
+from hf_reference import (
+    HF_ARCHS,
+    LORA_ARCHS,
+    LORA_MAX_RANK,
+    LORA_NUM_SLOTS,
+    PEFT_ADAPTERS,
+    HFModel,
+    make_peft_model,
+    make_torch_model,
+)
 
 
 @pytest.fixture(scope="session")
@@ -33,3 +43,43 @@ def forward():
 def loaded_models(hf_models) -> dict:
     """arch -> (ModelConfig, CausalLM) loaded in float32 from the saved checkpoint."""
     return {arch: load_model(m.path) for arch, m in hf_models.items()}
+
+
+@pytest.fixture(scope="session")
+def lora_forward():
+    """Jitted ``model(tokens, positions, segment_ids, lora)``, shared so compiles are reused."""
+    return nnx.jit(
+        lambda model, tokens, positions, segment_ids, lora: model(
+            tokens, positions, segment_ids, lora
+        )
+    )
+
+
+@pytest.fixture(scope="session")
+def peft_adapters(hf_models, tmp_path_factory) -> dict[str, dict[str, HFModel]]:
+    """arch -> adapter name -> the PEFT model with that adapter alone and the directory
+    its ``save_pretrained`` wrote; for every LORA_ARCHS and PEFT_ADAPTERS entry."""
+    adapters = {}
+    for arch in LORA_ARCHS:
+        adapters[arch] = {}
+        for seed, name in enumerate(PEFT_ADAPTERS):
+            model = make_peft_model(hf_models[arch].torch_model, name, seed)
+            path = tmp_path_factory.mktemp(f"{arch}-{name}")
+            model.save_pretrained(path)
+            adapters[arch][name] = HFModel(model, path)
+    return adapters
+
+
+@pytest.fixture(scope="session")
+def lora_models(hf_models, peft_adapters) -> dict:
+    """arch -> (CausalLM, AdapterRegistry) with every PEFT adapter loaded from disk, in
+    PEFT_ADAPTERS order. Read-only: tests that change slots build their own model."""
+    models = {}
+    for arch, adapters in peft_adapters.items():
+        _, model = load_model(hf_models[arch].path)
+        add_lora_tables(model, num_slots=LORA_NUM_SLOTS, max_rank=LORA_MAX_RANK)
+        registry = AdapterRegistry(model)
+        for name, adapter in adapters.items():
+            registry.load(name, load_peft_adapter(adapter.path))
+        models[arch] = model, registry
+    return models

@@ -1,13 +1,18 @@
-"""Test helpers: tiny random Hugging Face models (PyTorch references) and packing utilities."""
+"""Test helpers: tiny random Hugging Face models and PEFT adapters (PyTorch references),
+and packing utilities."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from pathlib import Path
 
 import numpy as np
+import peft
 import torch
 import transformers
+
+from loqjax import TARGET_MODULES, CausalLM, LoraAdapter, lora_tables
 
 # A sequence length every jitted forward in the tests uses, so each model compiles once.
 CAPACITY = 32
@@ -88,6 +93,60 @@ def make_torch_model(arch: str, seed: int = 0) -> torch.nn.Module:
             else:
                 param.normal_(0.0, 0.15)
     return model
+
+
+# The families the LoRA parity tests cover.
+LORA_ARCHS = ("llama2", "mistral", "qwen2")
+
+# name -> (r, lora_alpha, target_modules, use_rslora): ranks, target subsets and both
+# scalings differ, so a mixed batch exercises every kind of padding and zero slot.
+PEFT_ADAPTERS = {
+    "qv": (4, 8, ("q_proj", "v_proj"), False),
+    "all_rs": (8, 16, tuple(TARGET_MODULES), True),
+    "mlp": (2, 4, ("gate_proj", "down_proj"), False),
+    "kou": (5, 10, ("k_proj", "o_proj", "up_proj"), False),
+    "attn_rs": (3, 6, ("q_proj", "k_proj", "v_proj", "o_proj"), True),
+}
+
+
+# Adapter tables of the LoRA test models: every PEFT_ADAPTERS entry fits, one slot spare.
+LORA_NUM_SLOTS = len(PEFT_ADAPTERS) + 1
+LORA_MAX_RANK = max(r for r, *_ in PEFT_ADAPTERS.values())
+
+
+def make_peft_model(base: torch.nn.Module, name: str, seed: int = 0) -> peft.PeftModel:
+    """A copy of base with the PEFT_ADAPTERS[name] LoRA adapter, A and B both random
+    (PEFT starts B at zero, which would make the adapter a no-op)."""
+    r, alpha, targets, use_rslora = PEFT_ADAPTERS[name]
+    config = peft.LoraConfig(
+        r=r, lora_alpha=alpha, target_modules=list(targets), use_rslora=use_rslora
+    )
+    model = peft.get_peft_model(copy.deepcopy(base), config).eval()
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for param_name, param in model.named_parameters():
+            if ".lora_" in param_name:
+                param.normal_(0.0, 0.1)
+    return model
+
+
+def random_adapter(
+    model: CausalLM,
+    rank: int,
+    alpha: float,
+    targets: tuple[str, ...],
+    use_rslora: bool = False,
+    seed: int = 0,
+) -> LoraAdapter:
+    """A loqjax-native adapter with random A and B for ``model``'s tables' projections."""
+    rng = np.random.default_rng(seed)
+    weights = {}
+    for (layer, name), table in lora_tables(model).items():
+        if name in targets:
+            a = rng.normal(0.0, 0.1, (table.a.shape[1], rank)).astype(np.float32)
+            b = rng.normal(0.0, 0.1, (rank, table.b.shape[2])).astype(np.float32)
+            weights[layer, name] = (a, b)
+    return LoraAdapter(rank, alpha, weights, use_rslora)
 
 
 def rel_err(ours, ref) -> float:
