@@ -16,7 +16,7 @@ class Linear(nnx.Module):
     """``y = x @ kernel (+ bias)``, kernel [d_in, d_out] (HF's weight transposed).
 
     The single matmul site of the seven decoder projections (q/k/v/o, gate/up/down), so
-    per-token adapters are added here: ``loqjax.lora.add_lora_tables`` sets ``lora`` to
+    per-token adapters are added here: ``loqjax.lora.add_lora_tables`` sets ``adapters`` to
     a ``LoraTable`` on the targeted projections.
     """
 
@@ -32,7 +32,7 @@ class Linear(nnx.Module):
         init = nnx.initializers.lecun_normal()
         self.kernel = nnx.Param(init(rngs.params(), (in_features, out_features), param_dtype))
         self.bias = nnx.Param(jnp.zeros((out_features,), param_dtype)) if use_bias else None
-        self.lora: LoraTable | None = nnx.data(None)
+        self.adapters: LoraTable | None = nnx.data(None)
 
     def __call__(self, x: jax.Array, lora: LoraBatch | None = None) -> jax.Array:
         """x [..., d_in] -> [..., d_out], in the parameter dtype.
@@ -43,9 +43,9 @@ class Linear(nnx.Module):
         y = x @ self.kernel[...]
         if self.bias is not None:
             y = y + self.bias[...]
-        if self.lora is None or lora is None:
+        if self.adapters is None or lora is None:
             return y
-        return self.lora(x, y, lora)
+        return self.adapters(x, y, lora)
 
 
 class RMSNorm(nnx.Module):

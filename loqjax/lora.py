@@ -194,7 +194,7 @@ def add_lora_tables(
         for name in target_modules:
             linear = getattr(getattr(layer, TARGET_MODULES[name]), name)
             d_in, d_out = linear.kernel.shape
-            linear.lora = LoraTable(
+            linear.adapters = LoraTable(
                 d_in,
                 d_out,
                 num_slots=num_slots,
@@ -209,5 +209,5 @@ def lora_tables(model: CausalLM) -> dict[ModuleKey, LoraTable]:
         (i, name): table
         for i, layer in enumerate(model.layers)
         for name, parent in TARGET_MODULES.items()
-        if (table := getattr(getattr(layer, parent), name).lora) is not None
+        if (table := getattr(getattr(layer, parent), name).adapters) is not None
     }

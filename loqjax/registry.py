@@ -57,7 +57,8 @@ class AdapterRegistry:
     """Host-side map of adapter names to the slots of a model's LoRA tables.
 
     The registry writes into the model's table variables in place, so a model passed to
-    ``nnx.jit`` sees every change on its next call without retracing.
+    ``nnx.jit`` sees every change on its next call without retracing. The old table
+    buffers are donated: a state split off the model earlier is stale after a change.
     """
 
     def __init__(self, model: CausalLM):

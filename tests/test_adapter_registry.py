@@ -1,6 +1,8 @@
 """Runtime slot management: load/unload/replace cycles without recompiling, and errors
 that are raised before anything is written."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 from flax import nnx
@@ -124,21 +126,34 @@ def test_load_unload_replace_cycles(served, hf_models):
     assert write_slot._cache_size() == writes, "slot writes recompiled"
 
 
-def _rename(adapter: LoraAdapter, old: str, new: str) -> LoraAdapter:
-    weights = {
-        (layer, new if name == old else name): w for (layer, name), w in adapter.weights.items()
-    }
-    return LoraAdapter(adapter.rank, adapter.alpha, weights, adapter.use_rslora)
-
-
-def _edit_weights(adapter: LoraAdapter, edit) -> LoraAdapter:
+def _qv(model, rank: int = 4, edit=None) -> LoraAdapter:
+    """A random q/v adapter for ``model``; ``edit`` may change its weights dict in place."""
+    adapter = random_adapter(model, rank, 8.0, ("q_proj", "v_proj"), seed=5)
     weights = dict(adapter.weights)
-    edit(weights)
-    return LoraAdapter(adapter.rank, adapter.alpha, weights, adapter.use_rslora)
+    if edit:
+        edit(weights)
+    return dataclasses.replace(adapter, weights=weights)
 
 
-def _qv(model, rank=4):
-    return random_adapter(model, rank, 8.0, ("q_proj", "v_proj"), seed=5)
+def _retarget_v(name):
+    def edit(weights):
+        for layer in (0, 1):
+            weights[layer, name] = weights.pop((layer, "v_proj"))
+
+    return edit
+
+
+def _drop_layer_1_v(weights):
+    del weights[1, "v_proj"]
+
+
+def _add_layer_2_q(weights):
+    weights[2, "q_proj"] = weights[0, "q_proj"]
+
+
+def _shrink_layer_1_q_b(weights):
+    a, b = weights[1, "q_proj"]
+    weights[1, "q_proj"] = (a, b[:3])
 
 
 # case -> (failing call on (model, registry), error, match)
@@ -171,36 +186,28 @@ FAILURES = {
         "rank 9",
     ),
     "target not in tables": (
-        lambda m, r: r.load("c", _rename(_qv(m), "v_proj", "k_proj")),
+        lambda m, r: r.load("c", _qv(m, edit=_retarget_v("k_proj"))),
         TargetModuleError,
         r"targets \['q_proj', 'k_proj'\]; the tables hold \['q_proj', 'v_proj', 'o_proj'",
     ),
     "missing layer": (
-        lambda m, r: r.load("c", _edit_weights(_qv(m), lambda w: w.pop((1, "v_proj")))),
+        lambda m, r: r.load("c", _qv(m, edit=_drop_layer_1_v)),
         ShapeMismatchError,
         r"v_proj has weights for layers \[0\]; the base model has layers 0..1",
     ),
     "extra layer": (
-        lambda m, r: r.load(
-            "c", _edit_weights(_qv(m), lambda w: w.update({(2, "q_proj"): w[0, "q_proj"]}))
-        ),
+        lambda m, r: r.load("c", _qv(m, edit=_add_layer_2_q)),
         ShapeMismatchError,
         r"q_proj has weights for layers \[0, 1, 2\]",
     ),
     "wrong projection size": (
-        lambda m, r: r.load("c", _rename(_qv(m), "v_proj", "down_proj")),
+        lambda m, r: r.load("c", _qv(m, edit=_retarget_v("down_proj"))),
         ShapeMismatchError,
         r"layers\.0\.mlp\.down_proj: A \(64, 4\) and B \(4, 16\); "
         r"the base model needs A \(96, 4\) and B \(4, 64\)",
     ),
     "inconsistent rank": (
-        lambda m, r: r.load(
-            "c",
-            _edit_weights(
-                _qv(m),
-                lambda w: w.update({(1, "q_proj"): (w[1, "q_proj"][0], w[1, "q_proj"][1][:3])}),
-            ),
-        ),
+        lambda m, r: r.load("c", _qv(m, edit=_shrink_layer_1_q_b)),
         ShapeMismatchError,
         r"layers\.1\.self_attn\.q_proj: A \(64, 4\) and B \(3, 64\)",
     ),

@@ -1,6 +1,8 @@
 """The model with adapter tables: base behaviour without adapters, parameter filters, and
 gradients w.r.t. the adapter tables (against PEFT's)."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -18,7 +20,7 @@ from loqjax import (
     lora_tables,
 )
 
-from hf_reference import CAPACITY, LORA_MAX_RANK, pack, rel_err
+from hf_reference import CAPACITY, pack, rel_err
 
 ARCH = "llama2"
 NUM_SEGMENTS = 4
@@ -41,7 +43,7 @@ def test_filters_separate_adapter_and_base_params(loaded_models, lora_models):
     config, base = loaded_models[ARCH]
     adapter_paths = {path for path, _ in nnx.to_flat_state(nnx.state(model, LoraParam))}
     assert len(adapter_paths) == 2 * len(lora_tables(model)) == 2 * 7 * config.num_layers
-    assert all(path[-2] == "lora" and path[-1] in ("a", "b") for path in adapter_paths)
+    assert all(path[-2] == "adapters" and path[-1] in ("a", "b") for path in adapter_paths)
     base_paths = {path for path, _ in nnx.to_flat_state(nnx.state(model, BASE_PARAMS))}
     assert base_paths == {path for path, _ in nnx.to_flat_state(nnx.state(base, nnx.Param))}
 
@@ -63,18 +65,21 @@ def _torch_lora_grads(peft_model, seq: np.ndarray, cotangent: np.ndarray) -> dic
     return {key: (g["lora_A"], g["lora_B"]) for key, g in grads.items()}
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _grad_lora_params(graphdef, params, rest, inputs, batch, cotangent):
+    """Gradient of sum(logits * cotangent) w.r.t. the LoraParam state ``params``."""
+
+    def loss(params):
+        return jnp.sum(nnx.merge(graphdef, params, rest)(*inputs, batch) * cotangent)
+
+    return jax.grad(loss)(params)
+
+
 def _lora_grads(model, inputs, batch, cotangent) -> dict:
-    """(layer, projection) -> (dA [N, d_in, R], dB [N, R, d_out]) of sum(logits * cotangent),
-    differentiating the LoraParam tables only."""
+    """(layer, projection) -> (dA [N, d_in, R], dB [N, R, d_out]), numpy."""
     graphdef, params, rest = nnx.split(model, LoraParam, ...)
-
-    @jax.jit
-    def grad(params):
-        return jax.grad(
-            lambda p: jnp.sum(nnx.merge(graphdef, p, rest)(*inputs, batch) * cotangent)
-        )(params)
-
-    tables = lora_tables(nnx.merge(graphdef, grad(params), rest))
+    grads = _grad_lora_params(graphdef, params, rest, inputs, batch, cotangent)
+    tables = lora_tables(nnx.merge(graphdef, grads, rest))
     return {key: (np.asarray(t.a[...]), np.asarray(t.b[...])) for key, t in tables.items()}
 
 
@@ -94,9 +99,8 @@ def test_adapter_gradients(grad_rows, hf_models, peft_adapters, lora_models):
     grads = _lora_grads(model, inputs, batch, cotangent)
 
     starts = np.cumsum([0] + [n for _, n in REQUESTS])
-    trained = {
-        name: k for k, (name, _) in enumerate(REQUESTS) if name and starts[k] < grad_rows
-    }  # adapter -> its sequence
+    # adapter -> index of its sequence, for adapters whose rows come before grad_rows
+    trained = {name: k for k, (name, _) in enumerate(REQUESTS) if name and starts[k] < grad_rows}
     assert set(trained) == ({"qv"} if grad_rows == 6 else {"qv", "mlp"})
     for key, (da, db) in grads.items():
         for name, info in registry.adapters.items():
@@ -129,7 +133,7 @@ def test_add_lora_tables_rejects_bad_arguments(hf_models):
         add_lora_tables(model, num_slots=2, max_rank=4, target_modules=["qkv_proj"])
     with pytest.raises(ValueError, match="num_slots and max_rank must be >= 1"):
         add_lora_tables(model, num_slots=0, max_rank=4)
-    add_lora_tables(model, num_slots=2, max_rank=LORA_MAX_RANK, target_modules=["q_proj"])
+    add_lora_tables(model, num_slots=2, max_rank=4, target_modules=["q_proj"])
     with pytest.raises(ValueError, match="already has LoRA tables"):
         add_lora_tables(model, num_slots=2, max_rank=4)
 
