@@ -193,9 +193,12 @@ def test_kernels_with_small_blocks(layout):
     row_scale = jnp.where(slot >= 0, scale[safe], 0.0)[:, None]
     small = dict(block_rows=16, interpret=True)
 
-    h = segment_shrink(x, a, ends, slots, scale, grad_rows, block_k=16, **small)
     h_ref = jnp.einsum("tk,tkr->tr", x, a[safe], precision=hi) * row_scale
-    assert rel_err(h, h_ref) < 1e-5
+    for k_splits in (1, 3):  # d_in = 40 is 3 blocks of 16
+        h = segment_shrink(
+            x, a, ends, slots, scale, grad_rows, block_k=16, k_splits=k_splits, **small
+        )
+        assert rel_err(h, h_ref) < 1e-5
 
     mid = segment_shrink(g, b, ends, slots, None, grad_rows, w_transposed=True, block_k=16, **small)
     mid_ref = jnp.einsum("td,trd->tr", g, b[safe], precision=hi) * (slot >= 0)[:, None]
