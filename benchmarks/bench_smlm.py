@@ -307,6 +307,19 @@ def sweep(args):
                 )
 
 
+def harness(args):
+    """The harness's own floor: one elementwise pass over a [T, 4096] bf16 array
+    (read + write), timed exactly like the kernels."""
+    bw = measure_copy_bandwidth(args.iters, args.repeats)
+    print(f"copy bandwidth {bw / 1e12:.2f} TB/s")
+    for num_rows in args.tokens:
+        make = lambda i: (jax.random.normal(jax.random.key(i), (num_rows, 4096), jnp.bfloat16),)
+        sets = input_sets(make, set_bytes(make(0)))
+        t = time_chained(lambda v: v * 2, sets, args.iters, args.repeats)
+        floor = 2 * sets[0][0].nbytes / bw * 1e6
+        print(f"T={num_rows:6d}  v*2: {t:7.1f} us  floor {floor:7.1f} us")
+
+
 def table(args):
     bw = measure_copy_bandwidth(args.iters, args.repeats)
     rows = []
@@ -389,6 +402,7 @@ def main():
     parser.add_argument("--check", action="store_true")
     parser.add_argument("--sweep", action="store_true")
     parser.add_argument("--table", action="store_true")
+    parser.add_argument("--harness", action="store_true")
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument(
@@ -405,6 +419,8 @@ def main():
         check(args)
     if args.sweep:
         sweep(args)
+    if args.harness:
+        harness(args)
     if args.table:
         rows = table(args)
         if args.json:
