@@ -1,9 +1,15 @@
-"""Reference (plain jnp, materialised mask) attention over packed token batches."""
+"""Reference (plain jnp, materialised mask) attention over packed token batches, without
+and with a paged KV cache."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import jax
 import jax.numpy as jnp
+
+if TYPE_CHECKING:
+    from loqjax.kv_cache import LayerKV
 
 
 def attention_mask(
@@ -67,3 +73,39 @@ def reference_attention(
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum("kgts,skd->tkgd", probs, v)
     return out.reshape(t, num_heads, head_dim)
+
+
+def paged_attention(
+    q: jax.Array,
+    kv: LayerKV,
+    page_tables: jax.Array,
+    q_pos: jax.Array,
+    q_seg: jax.Array,
+    sliding_window: int | None = None,
+) -> jax.Array:
+    """``reference_attention`` of packed queries over their sequences' cached pages.
+
+    Every sequence's pages are gathered onto one key axis, each key tagged with its
+    sequence (segment id = row of ``page_tables``) and its position in that sequence.
+    Query i then sees exactly the keys of its own sequence at positions <= q_pos[i]: all
+    written by this or an earlier step, while the causal mask hides every slot not yet
+    written. The reference costs O(T * S * M * page_size); a GPU kernel would read only
+    each query's own pages.
+
+    Args:
+      q: [T, Hq, D] queries, RoPE applied; their keys and values already in ``kv``.
+      kv: the layer's pools, [num_pages, page_size, Hkv, D] each.
+      page_tables: int32 [S, M], the pages of sequence s (see ``PageBatch``).
+      q_pos: int32 [T], each query's position in its sequence; q_seg: int32 [T], its
+        sequence (row of ``page_tables``), -1 for padding.
+      sliding_window: static window length, or None.
+
+    Returns:
+      [T, Hq, D] in the pools' dtype.
+    """
+    k, v = kv.gather(page_tables)
+    s, m = page_tables.shape
+    length = m * kv.k.shape[1]
+    k_pos = jnp.tile(jnp.arange(length, dtype=jnp.int32), s)
+    k_seg = jnp.repeat(jnp.arange(s, dtype=jnp.int32), length)
+    return reference_attention(q, k, v, q_pos, k_pos, q_seg, k_seg, sliding_window)

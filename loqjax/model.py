@@ -13,6 +13,10 @@ with real tokens, and their own logits are finite garbage that callers must igno
 LoRA adapters: with tables added by ``loqjax.lora.add_lora_tables``, an optional
 ``LoraBatch`` picks each token's adapter slot; it is passed down unchanged to every
 projection (``Linear``), the only place that reads it.
+
+Serving: with a paged KV cache (``loqjax.kv_cache``), segment ids index the rows of the
+step's page tables, positions are positions in the cache, and each layer writes its keys
+and values to the cache before attending over its sequences' cached pages.
 """
 
 from __future__ import annotations
@@ -23,12 +27,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from loqjax.attention import reference_attention
+from loqjax.attention import paged_attention, reference_attention
 from loqjax.config import ModelConfig
 from loqjax.layers import Embedding, Linear, RMSNorm
 from loqjax.rope import apply_rope, rope_cos_sin
 
 if TYPE_CHECKING:
+    from loqjax.kv_cache import KVCache, LayerKV, PageBatch
     from loqjax.lora import LoraBatch
 
 
@@ -55,17 +60,29 @@ class Attention(nnx.Module):
         positions: jax.Array,
         segment_ids: jax.Array,
         lora: LoraBatch | None = None,
-    ) -> jax.Array:
-        """x [T, d], cos/sin float32 [T, head_dim], positions/segment_ids int32 [T] -> [T, d]."""
+        kv: LayerKV | None = None,
+        pages: PageBatch | None = None,
+    ) -> tuple[jax.Array, LayerKV | None]:
+        """x [T, d], cos/sin float32 [T, head_dim], positions/segment_ids int32 [T].
+
+        Returns [T, d] and, given this layer's cache ``kv`` and the batch's ``pages``,
+        the cache with this batch's keys and values written (else None).
+        """
         t = x.shape[0]
         q = self.q_proj(x, lora).reshape(t, self.num_heads, self.head_dim)
         k = self.k_proj(x, lora).reshape(t, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x, lora).reshape(t, self.num_kv_heads, self.head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        out = reference_attention(
-            q, k, v, positions, positions, segment_ids, segment_ids, self.sliding_window
-        )
-        return self.o_proj(out.reshape(t, self.num_heads * self.head_dim), lora)
+        if kv is None:
+            out = reference_attention(
+                q, k, v, positions, positions, segment_ids, segment_ids, self.sliding_window
+            )
+        else:
+            kv = kv.write(k, v, pages.slots)
+            out = paged_attention(
+                q, kv, pages.page_tables, positions, segment_ids, self.sliding_window
+            )
+        return self.o_proj(out.reshape(t, self.num_heads * self.head_dim), lora), kv
 
 
 class MLP(nnx.Module):
@@ -93,10 +110,13 @@ class DecoderLayer(nnx.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, **norm)
         self.mlp = MLP(config, param_dtype=param_dtype, rngs=rngs)
 
-    def __call__(self, x, cos, sin, positions, segment_ids, lora=None):
-        """Same arguments and shapes as ``Attention.__call__``; returns [T, d]."""
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, positions, segment_ids, lora)
-        return x + self.mlp(self.post_attention_layernorm(x), lora)
+    def __call__(self, x, cos, sin, positions, segment_ids, lora=None, kv=None, pages=None):
+        """Same arguments and results as ``Attention.__call__``."""
+        h, kv = self.self_attn(
+            self.input_layernorm(x), cos, sin, positions, segment_ids, lora, kv, pages
+        )
+        x = x + h
+        return x + self.mlp(self.post_attention_layernorm(x), lora), kv
 
 
 class CausalLM(nnx.Module):
@@ -127,7 +147,11 @@ class CausalLM(nnx.Module):
         positions: jax.Array,
         segment_ids: jax.Array,
         lora: LoraBatch | None = None,
-    ) -> jax.Array:
+        *,
+        cache: KVCache | None = None,
+        pages: PageBatch | None = None,
+        logit_rows: jax.Array | None = None,
+    ) -> jax.Array | tuple[jax.Array, KVCache]:
         """Logits of a packed batch (see the module docstring for the packing rules).
 
         Args:
@@ -135,14 +159,28 @@ class CausalLM(nnx.Module):
           positions: int32 [T], index of each token within its sequence.
           segment_ids: int32 [T], >= 0 for real tokens, -1 for padding.
           lora: adapter slot of each token, or None for the base model alone.
+          cache: a paged KV cache to extend and attend over, one ``LayerKV`` per layer;
+            every earlier position of each sequence must already be in it.
+          pages: where this batch reads and writes ``cache``; required with it.
+          logit_rows: int32 [R]: compute only these rows' logits, e.g. each sequence's
+            last token when serving.
 
         Returns:
-          float32 [T, vocab] next-token logits.
+          float32 [T, vocab] next-token logits ([R, vocab] with ``logit_rows``); with a
+          cache, also the cache with this batch's keys and values written.
         """
+        if (cache is None) != (pages is None):
+            raise ValueError("a KV cache and its pages must be passed together")
         cos, sin = rope_cos_sin(positions, self.config)
         x = self.embed_tokens(tokens)
-        for layer in self.layers:
-            x = layer(x, cos, sin, positions, segment_ids, lora)
+        layer_kvs = (None,) * len(self.layers) if cache is None else cache
+        new_cache = []
+        for layer, kv in zip(self.layers, layer_kvs, strict=True):
+            x, kv = layer(x, cos, sin, positions, segment_ids, lora, kv, pages)
+            new_cache.append(kv)
+        if logit_rows is not None:
+            x = x[logit_rows]
         x = self.norm(x)
         head = self.embed_tokens if self.lm_head is None else self.lm_head
-        return head.attend(x)
+        logits = head.attend(x)
+        return logits if cache is None else (logits, tuple(new_cache))
