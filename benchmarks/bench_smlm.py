@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import functools
-import itertools
 import json
 import statistics
 import sys
@@ -42,7 +41,6 @@ from pallas_kernels import (
     smlm,
     smlm_reference,
 )
-from pallas_kernels.fused import segment_shrink_expand
 
 TABLE_SLOTS = 32  # slots in the adapter table; active adapters are a prefix
 
@@ -309,61 +307,6 @@ def sweep(args):
                 )
 
 
-def fused_sweep(args):
-    """Fused shrink+expand against the two kernels, forward and backward row pass."""
-    bw = measure_copy_bandwidth(args.iters, args.repeats)
-    print(f"copy bandwidth {bw / 1e12:.2f} TB/s")
-    for num_rows in args.tokens:
-        d, rank = 4096, 16
-
-        def make(i):
-            return make_inputs(jax.random.key(i), num_rows, d, rank, jnp.bfloat16)
-
-        sets = input_sets(make, set_bytes(make(0)))
-        seg_ends, seg_slots, _, _ = layout(num_rows, 8, 64)
-        floor = 3 * num_rows * d * 2 / bw * 1e6
-        ones = jnp.ones((TABLE_SLOTS,), jnp.float32)
-
-        def separate_fwd(x, a, b, base, scale, g):
-            h = segment_shrink(x, a, seg_ends, seg_slots)
-            return h, segment_expand(h, b, seg_ends, seg_slots, scale, base)
-
-        def separate_bwd(x, a, b, base, scale, g):
-            mid = segment_shrink(g, b, seg_ends, seg_slots, scale, w_transposed=True)
-            return mid, segment_expand(mid, a, seg_ends, seg_slots, ones, w_transposed=True)
-
-        t_fwd = time_chained(separate_fwd, sets, args.iters, args.repeats)
-        t_bwd = time_chained(separate_bwd, sets, args.iters, args.repeats)
-        print(f"T={num_rows} floor {floor:.1f} us  separate: fwd {t_fwd:.1f}  bwd-rows {t_bwd:.1f}")
-        for br, bd, nw, ns in itertools.product((16, 32), (128, 256), (4, 8), (3, 4)):
-            blocks = dict(block_rows=br, block_d=bd, num_warps=nw, num_stages=ns)
-
-            def fused_fwd(x, a, b, base, scale, g, blocks=blocks):
-                return segment_shrink_expand(x, a, b, seg_ends, seg_slots, scale, base, **blocks)
-
-            def fused_bwd(x, a, b, base, scale, g, blocks=blocks):
-                return segment_shrink_expand(
-                    g,
-                    b,
-                    a,
-                    seg_ends,
-                    seg_slots,
-                    scale,
-                    None,
-                    w_in_transposed=True,
-                    w_out_transposed=True,
-                    scale_shrunk=True,
-                    **blocks,
-                )
-
-            try:
-                t_fwd = time_chained(fused_fwd, sets, args.iters, args.repeats)
-                t_bwd = time_chained(fused_bwd, sets, args.iters, args.repeats)
-                print(f"  fused {blocks}: fwd {t_fwd:.1f}  bwd-rows {t_bwd:.1f}", flush=True)
-            except Exception as e:  # a configuration Triton cannot compile
-                print(f"  fused {blocks}: failed {type(e).__name__}: {str(e)[:150]}")
-
-
 def harness(args):
     """The harness's own floor: one elementwise pass over a [T, 4096] bf16 array
     (read + write), timed exactly like the kernels."""
@@ -460,7 +403,6 @@ def main():
     parser.add_argument("--sweep", action="store_true")
     parser.add_argument("--table", action="store_true")
     parser.add_argument("--harness", action="store_true")
-    parser.add_argument("--fused-sweep", action="store_true")
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument(
@@ -479,8 +421,6 @@ def main():
         sweep(args)
     if args.harness:
         harness(args)
-    if args.fused_sweep:
-        fused_sweep(args)
     if args.table:
         rows = table(args)
         if args.json:
