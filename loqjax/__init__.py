@@ -12,7 +12,9 @@ from loqjax.adapter import (
     UnknownAdapterError,
 )
 from loqjax.config import Llama3RopeScaling, ModelConfig
+from loqjax.engine import Engine, EngineStats, RequestHandle
 from loqjax.hf_checkpoint import CheckpointError, load_model
+from loqjax.kv_cache import KVCache, LayerKV, PageBatch, PagePool, init_kv_cache
 from loqjax.lora import (
     BASE_PARAMS,
     TARGET_MODULES,
@@ -26,6 +28,16 @@ from loqjax.lora import (
 from loqjax.model import CausalLM
 from loqjax.peft_format import load_peft_adapter, save_peft_adapter
 from loqjax.registry import AdapterInfo, AdapterRegistry
+from loqjax.request import (
+    InvalidPromptError,
+    InvalidSamplingParamsError,
+    PromptTooLongError,
+    RequestError,
+    RequestOutput,
+    StreamEvent,
+)
+from loqjax.sampling import SamplingParams
+from loqjax.scheduler import EngineConfig
 
 __all__ = [
     "BASE_PARAMS",
@@ -36,6 +48,13 @@ __all__ = [
     "CausalLM",
     "CheckpointError",
     "DuplicateAdapterError",
+    "Engine",
+    "EngineConfig",
+    "EngineStats",
+    "InvalidPromptError",
+    "InvalidSamplingParamsError",
+    "KVCache",
+    "LayerKV",
     "Llama3RopeScaling",
     "LoraAdapter",
     "LoraBatch",
@@ -43,13 +62,22 @@ __all__ = [
     "LoraScale",
     "LoraTable",
     "ModelConfig",
+    "PageBatch",
+    "PagePool",
     "PeftFormatError",
+    "PromptTooLongError",
     "RankError",
+    "RequestError",
+    "RequestHandle",
+    "RequestOutput",
+    "SamplingParams",
     "ShapeMismatchError",
+    "StreamEvent",
     "TableFullError",
     "TargetModuleError",
     "UnknownAdapterError",
     "add_lora_tables",
+    "init_kv_cache",
     "load_model",
     "load_peft_adapter",
     "lora_tables",

@@ -1,0 +1,377 @@
+"""The serving engine: requests in, tokens out, continuously batched over a paged KV cache.
+
+    engine = Engine(model, registry, tokenizer, EngineConfig(...))
+    handle = engine.submit("Once upon a time", adapter="poet",
+                           sampling=SamplingParams(temperature=0.7, max_tokens=64))
+    for event in handle:  # tokens and text as they are produced
+        print(event.text, end="")
+    output = handle.result()
+
+Synchronous and single-threaded: ``step()`` schedules and runs one jitted step for every
+admitted request (see ``scheduler``), and iterating a handle or asking for its result
+steps the engine until there is something to return. Requests are checked at submit; a
+rejected one raises and leaves the engine as it was.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import itertools
+import os
+from collections.abc import Iterator, Sequence
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from transformers import GenerationConfig, PreTrainedTokenizerBase
+
+from loqjax.adapter import UnknownAdapterError
+from loqjax.hf_checkpoint import load_model
+from loqjax.kv_cache import init_kv_cache
+from loqjax.lora import TARGET_MODULES, add_lora_tables
+from loqjax.model import CausalLM
+from loqjax.registry import AdapterRegistry
+from loqjax.request import (
+    FinishReason,
+    InvalidPromptError,
+    InvalidSamplingParamsError,
+    PromptTooLongError,
+    RequestOutput,
+    StreamEvent,
+)
+from loqjax.sampling import SamplingParams
+from loqjax.scheduler import EngineConfig, Scheduler
+from loqjax.scheduler import Sequence as SeqState
+from loqjax.serve_step import ServeBatch, serve_step
+from loqjax.tokenization import Prompt, TextStream, encode_prompt, load_tokenizer
+
+
+@dataclasses.dataclass
+class EngineStats:
+    """Counters since the engine started.
+
+    Attributes:
+      computed_tokens: prompt, recomputed and decode tokens run through the model.
+      preemptions: sequences whose pages were taken back to let older ones grow.
+    """
+
+    steps: int = 0
+    computed_tokens: int = 0
+    generated_tokens: int = 0
+    preemptions: int = 0
+
+
+class _Request:
+    """An accepted request's output side: generated ids, text and pending stream events."""
+
+    def __init__(
+        self,
+        seq: SeqState,
+        stop_ids: frozenset[int],
+        text: TextStream | None,
+        max_seq_len: int,
+    ):
+        self.seq = seq
+        self.stop_ids = stop_ids
+        self.text = text
+        self.max_seq_len = max_seq_len
+        self.events: collections.deque[StreamEvent] = collections.deque()
+        self.finish_reason: FinishReason | None = None
+
+    def add_token(self, token_id: int) -> FinishReason | None:
+        """Appends a sampled token and its stream event; returns why the request is done,
+        or None if it goes on."""
+        seq = self.seq
+        seq.token_ids.append(token_id)
+        reason, text = None, ""
+        if token_id in self.stop_ids:
+            reason = "stop"
+        elif self.text is not None:
+            text = self.text.add(token_id)
+            reason = "stop" if self.text.stopped else None
+        if reason is None and (
+            seq.num_generated >= seq.params.max_tokens or len(seq.token_ids) >= self.max_seq_len
+        ):
+            reason = "length"
+        if reason is not None and self.text is not None:
+            text += self.text.finish()
+        self.events.append(StreamEvent(token_id, text))
+        return reason
+
+    def output(self) -> RequestOutput:
+        seq = self.seq
+        return RequestOutput(
+            request_id=seq.request_id,
+            prompt_token_ids=tuple(seq.token_ids[: seq.prompt_len]),
+            token_ids=tuple(seq.token_ids[seq.prompt_len :]),
+            text=None if self.text is None else self.text.text,
+            finish_reason=self.finish_reason,
+        )
+
+
+class RequestHandle:
+    """A submitted request: iterate it for its ``StreamEvent``s as they are produced, or
+    call ``result()``; both step the engine as needed."""
+
+    def __init__(self, engine: Engine, request: _Request):
+        self._engine = engine
+        self._request = request
+
+    @property
+    def request_id(self) -> int:
+        return self._request.seq.request_id
+
+    @property
+    def done(self) -> bool:
+        return self._request.finish_reason is not None
+
+    def __iter__(self) -> Iterator[StreamEvent]:
+        """Yields each generated token once, in order, until the request finishes."""
+        events = self._request.events
+        while True:
+            while events:
+                yield events.popleft()
+            if self.done:
+                return
+            self._engine.step()
+
+    def result(self) -> RequestOutput:
+        """Steps the engine until this request finishes; its final output."""
+        while not self.done:
+            self._engine.step()
+        return self._request.output()
+
+    def output(self) -> RequestOutput:
+        """The output so far, without stepping."""
+        return self._request.output()
+
+    def cancel(self) -> None:
+        """Stops the request and frees its pages; a no-op once it is done."""
+        self._engine._finish(self._request, "cancelled")
+
+
+class Engine:
+    """Serves one base model and the adapters of its registry to many requests at once.
+
+    The model's state is split once: it holds the model's variables themselves, so
+    adapters that ``registry`` loads, replaces or unloads later are served from the next
+    step on, without recompiling.
+    """
+
+    def __init__(
+        self,
+        model: CausalLM,
+        registry: AdapterRegistry | None = None,
+        tokenizer: PreTrainedTokenizerBase | str | os.PathLike | None = None,
+        config: EngineConfig | None = None,
+        *,
+        eos_token_ids: Sequence[int] | None = None,
+        cache_dtype: jnp.dtype | None = None,
+        seed: int = 0,
+    ):
+        """
+        Args:
+          model: the base model, with the adapter tables of ``registry`` if given.
+          registry: the adapters requests may name; None serves the base model only.
+          tokenizer: a tokenizer or a local checkpoint directory to load one from;
+            needed for text and chat prompts, stop strings and output text.
+          config: batch shapes and the KV cache pool; default ``EngineConfig()``.
+          eos_token_ids: ids that end every request (unless it ignores them); default
+            the tokenizer's end-of-sequence id, if any.
+          cache_dtype: KV cache dtype; default the model's parameter dtype.
+          seed: draws the seeds of requests that bring none.
+        """
+        model_config = model.config
+        config = config or EngineConfig()
+        if config.max_seq_len > model_config.max_position_embeddings:
+            raise ValueError(
+                f"max_seq_len={config.max_seq_len} exceeds the model's "
+                f"max_position_embeddings={model_config.max_position_embeddings}"
+            )
+        if isinstance(tokenizer, str | os.PathLike):
+            tokenizer = load_tokenizer(tokenizer)
+        if eos_token_ids is None:
+            eos = None if tokenizer is None else tokenizer.eos_token_id
+            eos_token_ids = () if eos is None else (eos,)
+        self.config = config
+        self.model_config = model_config
+        self.registry = registry
+        self.tokenizer = tokenizer
+        self.eos_token_ids = tuple(eos_token_ids)
+        self._graphdef, self._state = nnx.split(model)
+        dtype = cache_dtype or model.embed_tokens.embedding.dtype
+        self._cache = init_kv_cache(model_config, config.num_pages, config.page_size, dtype)
+        self._scheduler = Scheduler(config)
+        self._requests: dict[int, _Request] = {}
+        self._ids = itertools.count()
+        self._seeds = np.random.default_rng(seed)
+        self._stats = EngineStats()
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | os.PathLike,
+        config: EngineConfig | None = None,
+        *,
+        dtype: jnp.dtype = jnp.float32,
+        num_adapter_slots: int = 0,
+        max_lora_rank: int = 16,
+        target_modules: Sequence[str] = tuple(TARGET_MODULES),
+        **kwargs,
+    ) -> Engine:
+        """An engine for a local HF checkpoint, with its tokenizer and the end-of-sequence
+        ids of its generation config; with ``num_adapter_slots`` > 0 it gets adapter
+        tables and an empty ``registry`` to load adapters into. Other keyword arguments
+        go to ``Engine``."""
+        _, model = load_model(path, dtype)
+        registry = None
+        if num_adapter_slots:
+            add_lora_tables(
+                model,
+                num_slots=num_adapter_slots,
+                max_rank=max_lora_rank,
+                target_modules=target_modules,
+            )
+            registry = AdapterRegistry(model)
+        tokenizer = load_tokenizer(path)
+        if "eos_token_ids" not in kwargs:
+            kwargs["eos_token_ids"] = _checkpoint_eos_ids(path, tokenizer)
+        return cls(model, registry, tokenizer, config, **kwargs)
+
+    @property
+    def stats(self) -> EngineStats:
+        """A snapshot of the counters."""
+        return dataclasses.replace(self._stats, preemptions=self._scheduler.num_preemptions)
+
+    @property
+    def num_free_pages(self) -> int:
+        return self._scheduler.pool.num_free
+
+    @property
+    def num_unfinished(self) -> int:
+        """Requests submitted and not finished yet, waiting or running."""
+        return len(self._requests)
+
+    def submit(
+        self,
+        prompt: Prompt,
+        adapter: str | None = None,
+        sampling: SamplingParams | None = None,
+    ) -> RequestHandle:
+        """Queues a request; it runs as ``step()`` is called.
+
+        Args:
+          prompt: text (tokenized with special tokens), chat messages (rendered by the
+            tokenizer's chat template, with the generation prompt), or token ids.
+          adapter: a name loaded in the registry, or None for the base model.
+          sampling: default ``SamplingParams()``.
+
+        Raises:
+          InvalidPromptError: empty, malformed or out-of-vocabulary prompt, or text
+            without a tokenizer.
+          PromptTooLongError: the prompt has ``max_seq_len`` tokens or more.
+          InvalidSamplingParamsError: not ``SamplingParams``, stop ids out of the
+            vocabulary, or stop strings without a tokenizer.
+          UnknownAdapterError: the adapter is not loaded.
+        """
+        params = SamplingParams() if sampling is None else sampling
+        if not isinstance(params, SamplingParams):
+            raise InvalidSamplingParamsError(
+                f"sampling must be SamplingParams, got {type(params).__name__}"
+            )
+        ids = encode_prompt(prompt, self.tokenizer)
+        vocab = self.model_config.vocab_size
+        outside = [i for i in ids if not 0 <= i < vocab]
+        if outside:
+            raise InvalidPromptError(
+                f"token ids {outside[:8]} are outside the vocabulary [0, {vocab})"
+            )
+        if len(ids) >= self.config.max_seq_len:
+            raise PromptTooLongError(
+                f"the prompt has {len(ids)} tokens; max_seq_len={self.config.max_seq_len} "
+                "must leave room for a generated token"
+            )
+        outside = [i for i in params.stop_token_ids if i >= vocab]
+        if outside:
+            raise InvalidSamplingParamsError(
+                f"stop_token_ids {outside} are outside the vocabulary [0, {vocab})"
+            )
+        if params.stop and self.tokenizer is None:
+            raise InvalidSamplingParamsError("stop strings need a tokenizer; the engine has none")
+        if adapter is not None:
+            if self.registry is None:
+                raise UnknownAdapterError(f"adapter {adapter!r}: the engine serves no adapters")
+            self.registry.info(adapter)
+
+        seed = params.seed if params.seed is not None else int(self._seeds.integers(2**32))
+        seq = SeqState(next(self._ids), list(ids), len(ids), adapter, params, seed)
+        stop_ids = set(params.stop_token_ids)
+        if not params.ignore_eos:
+            stop_ids.update(self.eos_token_ids)
+        text = None if self.tokenizer is None else TextStream(self.tokenizer, params.stop)
+        request = _Request(seq, frozenset(stop_ids), text, self.config.max_seq_len)
+        self._requests[seq.request_id] = request
+        self._scheduler.add(seq)
+        return RequestHandle(self, request)
+
+    def step(self) -> bool:
+        """Runs one step for every scheduled request; False if there was nothing to do."""
+        chunks, slots = [], []
+        for chunk in self._scheduler.schedule():
+            slot = self._adapter_slot(chunk.seq.adapter)
+            if slot is None:  # unloaded since submit: the request cannot go on
+                self._finish(self._requests[chunk.seq.request_id], "aborted")
+            else:
+                chunks.append(chunk)
+                slots.append(slot)
+        if not chunks:
+            return self._scheduler.has_work
+
+        batch = ServeBatch.pack(chunks, slots, self.config, self.model_config.vocab_size)
+        next_tokens, self._cache = serve_step(self._graphdef, self._state, self._cache, batch)
+        next_tokens = np.asarray(next_tokens)
+        self._stats.steps += 1
+        for row, chunk in enumerate(chunks):
+            seq = chunk.seq
+            seq.num_computed = chunk.stop
+            self._stats.computed_tokens += chunk.length
+            if chunk.stop == len(seq.token_ids):  # its last row's logits pick a new token
+                self._stats.generated_tokens += 1
+                request = self._requests[seq.request_id]
+                reason = request.add_token(int(next_tokens[row]))
+                if reason is not None:
+                    self._finish(request, reason)
+        return True
+
+    def run_until_idle(self) -> None:
+        """Steps until every submitted request has finished."""
+        while self.step():
+            pass
+
+    def _adapter_slot(self, adapter: str | None) -> int | None:
+        """The adapter's table slot, -1 for the base model, None if it is not loaded."""
+        if adapter is None:
+            return -1
+        info = self.registry.adapters.get(adapter)
+        return None if info is None else info.slot
+
+    def _finish(self, request: _Request, reason: FinishReason) -> None:
+        if request.finish_reason is not None:
+            return
+        request.finish_reason = reason
+        self._scheduler.remove(request.seq)
+        del self._requests[request.seq.request_id]
+
+
+def _checkpoint_eos_ids(path: str | os.PathLike, tokenizer) -> tuple[int, ...]:
+    """End-of-sequence ids of a checkpoint's generation config, else its tokenizer's."""
+    try:
+        eos = GenerationConfig.from_pretrained(path, local_files_only=True).eos_token_id
+    except OSError:
+        eos = None
+    if eos is None:
+        eos = tokenizer.eos_token_id
+    if eos is None:
+        return ()
+    return tuple(eos) if isinstance(eos, list | tuple) else (eos,)

@@ -1,0 +1,125 @@
+"""The serving step: one jitted forward over a packed batch of prefill chunks and decode
+tokens, writing the paged KV cache and sampling each sequence's next token.
+
+All shapes are static (``EngineConfig``'s T, S, M and the pool), and lengths, positions,
+pages, adapters and sampling parameters travel as metadata, so the step compiles once.
+Sequence s of a step is segment s of the packed tokens, LoRA segment s and row s of the
+page tables, the logit rows and the sampling parameters.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from loqjax.kv_cache import KVCache, PageBatch, page_slots
+from loqjax.lora import LoraBatch
+from loqjax.sampling import SamplingBatch, sample
+from loqjax.scheduler import Chunk, EngineConfig
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class ServeBatch:
+    """Everything one step reads besides the weights and the KV cache.
+
+    Attributes:
+      tokens, positions, segment_ids: int32 [T], the packed chunks (see ``CausalLM``);
+        positions are positions in the cache, padding has segment id -1.
+      lora: each sequence's adapter slot, S segments.
+      pages: the cache addressing.
+      logit_rows: int32 [S], each sequence's last row, whose logits pick its next token.
+      sampling: each sequence's sampling parameters.
+    """
+
+    tokens: jax.Array
+    positions: jax.Array
+    segment_ids: jax.Array
+    lora: LoraBatch
+    pages: PageBatch
+    logit_rows: jax.Array
+    sampling: SamplingBatch
+
+    @classmethod
+    def pack(
+        cls,
+        chunks: Sequence[Chunk],
+        adapter_slots: Sequence[int],
+        config: EngineConfig,
+        vocab_size: int,
+    ) -> ServeBatch:
+        """Packs the scheduled chunks back to back from row 0.
+
+        Args:
+          chunks: at most S, their pages already allocated.
+          adapter_slots: per chunk, its adapter's slot or -1 for the base model.
+          config: the static sizes.
+          vocab_size: the out-of-range id that pads the repetition-penalty ids.
+        """
+        t, s = config.token_capacity, config.max_seqs
+        tokens = np.zeros(t, np.int32)
+        positions = np.zeros(t, np.int32)
+        segment_ids = np.full(t, -1, np.int32)
+        slots = np.full(t, config.num_pages * config.page_size, np.int32)  # dropped
+        page_tables = np.zeros((s, config.pages_per_seq), np.int32)
+        logit_rows = np.zeros(s, np.int32)
+        offset = 0
+        for row, chunk in enumerate(chunks):
+            seq, rows = chunk.seq, slice(offset, offset + chunk.length)
+            tokens[rows] = seq.token_ids[chunk.start : chunk.stop]
+            positions[rows] = np.arange(chunk.start, chunk.stop)
+            segment_ids[rows] = row
+            slots[rows] = page_slots(seq.pages, chunk.start, chunk.stop, config.page_size)
+            page_tables[row, : len(seq.pages)] = seq.pages
+            offset += chunk.length
+            logit_rows[row] = offset - 1
+        seqs = [chunk.seq for chunk in chunks]
+        sampling = SamplingBatch.pack(
+            [seq.params for seq in seqs],
+            [seq.seed for seq in seqs],
+            [seq.num_generated for seq in seqs],
+            [seq.token_ids for seq in seqs],
+            num_rows=s,
+            seen_capacity=config.max_seq_len,
+            vocab_size=vocab_size,
+        )
+        return cls(
+            jnp.asarray(tokens),
+            jnp.asarray(positions),
+            jnp.asarray(segment_ids),
+            LoraBatch.pack([chunk.length for chunk in chunks], adapter_slots, s),
+            PageBatch(jnp.asarray(page_tables), jnp.asarray(slots)),
+            jnp.asarray(logit_rows),
+            sampling,
+        )
+
+
+@functools.partial(jax.jit, static_argnums=0, donate_argnums=2)
+def serve_step(
+    graphdef: nnx.GraphDef, state: nnx.State, cache: KVCache, batch: ServeBatch
+) -> tuple[jax.Array, KVCache]:
+    """Runs one step of the model ``nnx.merge(graphdef, state)``.
+
+    The cache is donated: its pools are updated in place.
+
+    Returns:
+      (int32 [S] next token of every sequence row, the updated cache). A row's token is
+      meaningful only if its chunk reached the end of the sequence's known tokens.
+    """
+    model = nnx.merge(graphdef, state)
+    logits, cache = model(
+        batch.tokens,
+        batch.positions,
+        batch.segment_ids,
+        batch.lora,
+        cache=cache,
+        pages=batch.pages,
+        logit_rows=batch.logit_rows,
+    )
+    return sample(logits, batch.sampling), cache
