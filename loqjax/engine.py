@@ -41,8 +41,7 @@ from loqjax.request import (
     StreamEvent,
 )
 from loqjax.sampling import SamplingParams
-from loqjax.scheduler import EngineConfig, Scheduler
-from loqjax.scheduler import Sequence as SeqState
+from loqjax.scheduler import EngineConfig, Scheduler, SequenceState
 from loqjax.serve_step import ServeBatch, serve_step
 from loqjax.tokenization import Prompt, TextStream, encode_prompt, load_tokenizer
 
@@ -67,7 +66,7 @@ class _Request:
 
     def __init__(
         self,
-        seq: SeqState,
+        seq: SequenceState,
         stop_ids: frozenset[int],
         text: TextStream | None,
         max_seq_len: int,
@@ -305,7 +304,7 @@ class Engine:
             self.registry.info(adapter)
 
         seed = params.seed if params.seed is not None else int(self._seeds.integers(2**32))
-        seq = SeqState(next(self._ids), list(ids), len(ids), adapter, params, seed)
+        seq = SequenceState(next(self._ids), list(ids), len(ids), adapter, params, seed)
         stop_ids = set(params.stop_token_ids)
         if not params.ignore_eos:
             stop_ids.update(self.eos_token_ids)

@@ -25,7 +25,7 @@ from loqjax.sampling import SamplingParams
 
 @dataclasses.dataclass(frozen=True)
 class EngineConfig:
-    """Limits of the serving engine; the first four are the static shapes of its step.
+    """Limits of the serving engine, and so the static shapes of its step.
 
     Attributes:
       token_capacity: T, tokens per step (prefill chunks and decode tokens together).
@@ -64,7 +64,7 @@ class EngineConfig:
 
 
 @dataclasses.dataclass(eq=False)
-class Sequence:
+class SequenceState:
     """A request's scheduling state.
 
     Attributes:
@@ -92,7 +92,7 @@ class Sequence:
 class Chunk:
     """Tokens ``[start, stop)`` of ``seq``, computed in one step."""
 
-    seq: Sequence
+    seq: SequenceState
     start: int
     stop: int
 
@@ -107,18 +107,18 @@ class Scheduler:
     def __init__(self, config: EngineConfig):
         self.config = config
         self.pool = PagePool(config.num_pages, config.page_size)
-        self.waiting: collections.deque[Sequence] = collections.deque()
-        self.running: list[Sequence] = []  # in admission order
+        self.waiting: collections.deque[SequenceState] = collections.deque()
+        self.running: list[SequenceState] = []  # in admission order
         self.num_preemptions = 0
 
     @property
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def add(self, seq: Sequence) -> None:
+    def add(self, seq: SequenceState) -> None:
         self.waiting.append(seq)
 
-    def remove(self, seq: Sequence) -> None:
+    def remove(self, seq: SequenceState) -> None:
         """Drops a finished or cancelled sequence and frees its pages."""
         if seq in self.running:
             self.running.remove(seq)
@@ -156,7 +156,7 @@ class Scheduler:
             budget -= stop
         return chunks
 
-    def _grow(self, seq: Sequence, num_tokens: int, preempt: bool = True) -> bool:
+    def _grow(self, seq: SequenceState, num_tokens: int, preempt: bool = True) -> bool:
         """Gives ``seq`` the pages for its first ``num_tokens`` tokens, preempting the
         newest running sequences while pages are short (if ``preempt``). False if none
         could be had, or ``seq`` itself was preempted."""
@@ -173,7 +173,7 @@ class Scheduler:
         seq.pages += pages
         return True
 
-    def _free_pages(self, seq: Sequence) -> None:
+    def _free_pages(self, seq: SequenceState) -> None:
         self.pool.free(seq.pages)
         seq.pages = []
         seq.num_computed = 0

@@ -6,11 +6,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from loqjax.sampling import SamplingParams
-from loqjax.scheduler import EngineConfig, Scheduler, Sequence
+from loqjax.scheduler import EngineConfig, Scheduler, SequenceState
 
 
-def _seq(request_id: int, prompt_len: int) -> Sequence:
-    return Sequence(request_id, [0] * prompt_len, prompt_len, None, SamplingParams(), seed=0)
+def _seq(request_id: int, prompt_len: int) -> SequenceState:
+    return SequenceState(request_id, [0] * prompt_len, prompt_len, None, SamplingParams(), seed=0)
 
 
 def _run_step(scheduler: Scheduler, targets: dict[int, int]) -> list:
