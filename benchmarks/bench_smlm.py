@@ -20,6 +20,7 @@ LoRA with no multi-adapter machinery).
 from __future__ import annotations
 
 import argparse
+import collections
 import datetime
 import functools
 import json
@@ -307,6 +308,59 @@ def sweep(args):
                 )
 
 
+def profile(args):
+    """Device time of every kernel of one forward+backward (``ours``), from a
+    profiler trace: the kernels' own time, without launch gaps or host work."""
+    import glob
+    import gzip
+    import tempfile
+
+    for num_rows, rank, active in [(t, 16, 8) for t in args.tokens]:
+        d = 4096
+
+        def make(i):
+            return make_inputs(jax.random.key(i), num_rows, d, rank, jnp.bfloat16)
+
+        sets = input_sets(make, set_bytes(make(0)))
+        meta = layout(num_rows, active, 64)[:3]
+        iters = max(args.iters, len(sets))
+        for label, fn in (("fwd", ours_fwd), ("fwd+bwd", None)):
+            if fn is None:
+
+                def fn(x, a, b, base, scale, g, *meta):
+                    y, vjp = jax.vjp(lambda x, a, b: ours_fwd(x, a, b, base, scale, *meta), x, a, b)
+                    return y, vjp(g)
+
+                inputs = sets
+            else:
+                inputs = [s[:5] for s in sets]
+            run = chained(fn, iters)
+            jax.block_until_ready(run(inputs, meta))
+            with tempfile.TemporaryDirectory() as tmp:
+                with jax.profiler.trace(tmp, create_perfetto_trace=True):
+                    jax.block_until_ready(run(inputs, meta))
+                [path] = glob.glob(f"{tmp}/**/perfetto_trace.json.gz", recursive=True)
+                with gzip.open(path) as f:
+                    events = json.load(f)["traceEvents"]
+            names = {
+                (e["pid"], e.get("tid")): e["args"]["name"]
+                for e in events
+                if e.get("ph") == "M" and e.get("name") in ("process_name", "thread_name")
+            }
+            per_kernel = collections.defaultdict(list)
+            for e in events:
+                if e.get("ph") == "X" and "Stream" in names.get((e.get("pid"), e.get("tid")), ""):
+                    per_kernel[e["name"]].append(e["dur"])
+            if not per_kernel:
+                print("no GPU stream in the trace; threads:", sorted(set(names.values())))
+                continue
+            total = sum(sum(v) for v in per_kernel.values()) / iters
+            print(f"T={num_rows} r={rank} n={active} {label}: {total:.1f} us of kernels per call")
+            for name, durs in sorted(per_kernel.items(), key=lambda kv: -sum(kv[1])):
+                calls, median = len(durs) / iters, statistics.median(durs)
+                print(f"    {name[:60]:60s} x{calls:4.1f}  {median:7.1f} us")
+
+
 def harness(args):
     """The harness's own floor: one elementwise pass over a [T, 4096] bf16 array
     (read + write), timed exactly like the kernels."""
@@ -403,6 +457,7 @@ def main():
     parser.add_argument("--sweep", action="store_true")
     parser.add_argument("--table", action="store_true")
     parser.add_argument("--harness", action="store_true")
+    parser.add_argument("--profile", action="store_true")
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument(
@@ -421,6 +476,8 @@ def main():
         sweep(args)
     if args.harness:
         harness(args)
+    if args.profile:
+        profile(args)
     if args.table:
         rows = table(args)
         if args.json:

@@ -5,8 +5,8 @@ The LoRA weight gradients are reductions over the rows of each slot:
 ``dB[n] = s_n (X_n A_n)^T dY_n`` (``lhs = H``, ``rhs = dY``). The rows of each
 slot are cut into chunks (``plan_slot_chunks``); the grid is (chunk, lhs
 column block, rhs column block), so one adapter with many rows still fills the
-GPU. Each program writes a float32 partial; the partials of a slot are then
-summed in a fixed order, so results are deterministic (no atomics).
+GPU. Each program writes a float32 partial; a second kernel sums each slot's
+partials in a fixed order, so results are deterministic (no atomics).
 """
 
 from __future__ import annotations
@@ -56,10 +56,38 @@ def _outer_kernel(
             preferred_element_type=jnp.float32,
         )
 
+    begin, end = begin_ref[chunk], end_ref[chunk]
+
+    @pl.when(begin < end)  # unused chunks are never read: write nothing
+    def _():
+        acc = lax.fori_loop(begin, end, accumulate, jnp.zeros((block_p, block_q), jnp.float32))
+        plgpu.store(out_ref.at[chunk, p_cols, q_cols], acc, mask=block_mask(p_mask, q_mask))
+
+
+def _sum_chunks_kernel(
+    begin_ref,
+    end_ref,  # [N] int32: each slot's range of chunks
+    partials_ref,  # [C, P, Q] float32
+    *refs,  # ([N] float32 scale,) if scaled, then out [N, P, Q]
+    block_p: int,
+    block_q: int,
+):
+    *scale_ref, out_ref = refs
+    slot, p_block, q_block = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    num_p, num_q = out_ref.shape[1], out_ref.shape[2]
+    p_cols = pl.ds(p_block * block_p, block_p)
+    q_cols = pl.ds(q_block * block_q, block_q)
+    mask = block_mask(axis_mask(p_block, block_p, num_p), axis_mask(q_block, block_q, num_q))
+
+    def accumulate(c, acc):
+        return acc + load(partials_ref.at[c, p_cols, q_cols], mask)
+
     acc = lax.fori_loop(
-        begin_ref[chunk], end_ref[chunk], accumulate, jnp.zeros((block_p, block_q), jnp.float32)
+        begin_ref[slot], end_ref[slot], accumulate, jnp.zeros((block_p, block_q), jnp.float32)
     )
-    plgpu.store(out_ref.at[chunk, p_cols, q_cols], acc, mask=block_mask(p_mask, q_mask))
+    if scale_ref:
+        acc = acc * scale_ref[0][slot]
+    plgpu.store(out_ref.at[slot, p_cols, q_cols], acc.astype(out_ref.dtype), mask=mask)
 
 
 @functools.partial(
@@ -112,22 +140,24 @@ def segment_outer(
     chunks = plan_slot_chunks(tiles, num_slots, tiles_per_chunk)
     block_p = min(block_p, max(16, pl.next_power_of_2(num_p)))
     block_q = min(block_q, max(16, pl.next_power_of_2(num_q)))
-    kernel = functools.partial(
-        _outer_kernel, block_rows=block_rows, block_p=block_p, block_q=block_q
-    )
+    grid_pq = (pl.cdiv(num_p, block_p), pl.cdiv(num_q, block_q))
+    compiler_params = plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
+    interpret = default_interpret() if interpret is None else interpret
     num_chunks = chunks.slot.shape[0]
     partials = pl.pallas_call(
-        kernel,
-        grid=(num_chunks, pl.cdiv(num_p, block_p), pl.cdiv(num_q, block_q)),
+        functools.partial(_outer_kernel, block_rows=block_rows, block_p=block_p, block_q=block_q),
+        grid=(num_chunks, *grid_pq),
         out_shape=jax.ShapeDtypeStruct((num_chunks, num_p, num_q), jnp.float32),
-        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
-        interpret=default_interpret() if interpret is None else interpret,
+        compiler_params=compiler_params,
+        interpret=interpret,
         name="smlm_outer",
     )(chunks.tiles.start, chunks.tiles.length, chunks.begin, chunks.end, lhs, rhs)
-    # Sum each slot's partials: a one-hot contraction in full float32, in a
-    # fixed order (a scatter-add would race on GPUs). Unused chunks have slot N.
-    owner = (chunks.slot[:, None] == jnp.arange(num_slots)[None, :]).astype(jnp.float32)
-    out = jnp.einsum("cn,cpq->npq", owner, partials, precision=lax.Precision.HIGHEST)
-    if scale is not None:
-        out = out * scale.astype(jnp.float32)[:, None, None]
-    return out.astype(out_dtype)
+    scale_operand = () if scale is None else (scale.astype(jnp.float32),)
+    return pl.pallas_call(
+        functools.partial(_sum_chunks_kernel, block_p=block_p, block_q=block_q),
+        grid=(num_slots, *grid_pq),
+        out_shape=jax.ShapeDtypeStruct((num_slots, num_p, num_q), out_dtype),
+        compiler_params=compiler_params,
+        interpret=interpret,
+        name="smlm_sum_chunks",
+    )(chunks.slot_begin, chunks.slot_end, partials, *scale_operand)

@@ -53,12 +53,15 @@ class SlotChunks(NamedTuple):
     * ``tiles``: the row tiles sorted by slot (adapter-free tiles last).
     * ``slot [C]``: the slot of each chunk (``num_slots`` for unused chunks).
     * ``begin [C]``, ``end [C]``: each chunk's range of sorted tiles.
+    * ``slot_begin [N]``, ``slot_end [N]``: each slot's range of chunks.
     """
 
     tiles: RowTiles
     slot: jax.Array
     begin: jax.Array
     end: jax.Array
+    slot_begin: jax.Array
+    slot_end: jax.Array
 
 
 def normalize_segments(
@@ -150,6 +153,8 @@ def plan_slot_chunks(tiles: RowTiles, num_slots: int, tiles_per_chunk: int) -> S
         jnp.where(valid, slot, num_slots).astype(jnp.int32),
         jnp.where(valid, begin, 0).astype(jnp.int32),
         jnp.where(valid, end, 0).astype(jnp.int32),
+        (last_chunk - chunks_per_slot).astype(jnp.int32),
+        last_chunk.astype(jnp.int32),
     )
 
 

@@ -256,12 +256,17 @@ def test_plans_cover_rows_once_within_segments(layout, block_rows, tiles_per_chu
     chunks = plan_slot_chunks(tiles, NUM_SLOTS, tiles_per_chunk)
     sorted_slot, sorted_length = np.asarray(chunks.tiles.slot), np.asarray(chunks.tiles.length)
     rows_per_slot = np.zeros(NUM_SLOTS + 1, int)
-    for slot, begin, end in zip(*map(np.asarray, chunks[1:]), strict=True):
+    chunk_slot = np.asarray(chunks.slot)
+    for slot, begin, end in zip(chunk_slot, chunks.begin, chunks.end, strict=True):
         assert 0 <= end - begin <= tiles_per_chunk
         assert (sorted_slot[begin:end] == slot).all()
         rows_per_slot[slot] += sorted_length[begin:end].sum()
     for slot in range(NUM_SLOTS):
         assert rows_per_slot[slot] == (slot_of_row == slot).sum()
+        own = np.flatnonzero(chunk_slot == slot)  # a slot's chunks are one contiguous range
+        np.testing.assert_array_equal(
+            own, np.arange(chunks.slot_begin[slot], chunks.slot_end[slot])
+        )
 
 
 def test_out_of_range_metadata_is_clamped():
