@@ -1,0 +1,216 @@
+"""Per-slot optax optimization of stacked adapter tables.
+
+Every adapter param leaf has the slot axis first ([N, ...]). ``SlotOptimizer`` runs one
+independent copy of an optax transformation per slot by ``jax.vmap`` over that axis, so
+every optimizer state leaf, step counts and ``optax.inject_hyperparams`` hyperparameters
+included, is per slot: each adapter has its own bias correction, schedule position,
+learning rate, weight decay and gradient clipping (a global norm over that slot's params
+across all tables).
+
+Gradients arrive as gradients of each slot's *summed* token loss and accumulate over
+micro-steps together with token counts; an update applies the accumulated sum divided by
+the count, so k micro-steps equal one step on their union batch, the loss being the mean
+over all of a slot's loss tokens. Slots change only where ``jnp.where`` on the slot axis
+selects them: the params and state of every other slot stay bit-identical.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from loqjax.registry import write_slot
+
+
+def adamw(
+    learning_rate: float | optax.Schedule = 1e-4,
+    *,
+    weight_decay: float = 0.0,
+    max_grad_norm: float = 1.0,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+) -> optax.GradientTransformation:
+    """The default per-slot transformation: clip to a global norm, then AdamW.
+
+    Every argument is a per-slot hyperparameter (see ``SlotOptimizer.set_hyperparams``);
+    a schedule runs on each slot's own step count. ``max_grad_norm=inf`` disables clipping.
+    """
+    return optax.inject_hyperparams(_clipped_adamw)(
+        learning_rate=learning_rate,
+        weight_decay=weight_decay,
+        max_grad_norm=max_grad_norm,
+        b1=b1,
+        b2=b2,
+        eps=eps,
+    )
+
+
+def _clipped_adamw(learning_rate, weight_decay, max_grad_norm, b1, b2, eps):
+    return optax.chain(
+        optax.clip_by_global_norm(max_grad_norm),
+        optax.adamw(learning_rate, b1, b2, eps, weight_decay=weight_decay),
+    )
+
+
+def slot_norms(tree) -> jax.Array:
+    """float32 [N]: each slot's global L2 norm over every [N, ...] leaf of ``tree``."""
+    squares = [
+        jnp.sum(jnp.square(leaf.astype(jnp.float32)).reshape(leaf.shape[0], -1), axis=1)
+        for leaf in jax.tree.leaves(tree)
+    ]
+    return jnp.sqrt(sum(squares))
+
+
+def slot_where(mask: jax.Array, new, old):
+    """Per leaf, slot i of ``new`` where ``mask[i]``, else of ``old`` (bool [N] mask)."""
+    return jax.tree.map(
+        lambda n, o: jnp.where(mask.reshape((-1,) + (1,) * (o.ndim - 1)), n, o), new, old
+    )
+
+
+class SlotOptState(NamedTuple):
+    """Optimizer state of N slots; every leaf has the slot axis first.
+
+    Attributes:
+      inner: the transformation's state, one copy per slot.
+      grad_sum: float32, like the params: gradient sums accumulated since the slot's last
+        update.
+      num_tokens: int32 [N], the loss tokens behind ``grad_sum``.
+    """
+
+    inner: optax.OptState
+    grad_sum: optax.Params
+    num_tokens: jax.Array
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class SlotUpdate:
+    """What an update did to each slot; all [N].
+
+    Attributes:
+      updated: bool, the slot's params and state took a step.
+      nonfinite: bool, the slot's loss or gradient in this micro-batch was NaN or
+        infinite; that contribution was dropped.
+      grad_norm: float32, global norm of the applied mean gradient (before clipping);
+        0 where not updated.
+    """
+
+    updated: jax.Array
+    nonfinite: jax.Array
+    grad_norm: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class SlotOptimizer:
+    """An optax transformation applied to each adapter slot independently.
+
+    Attributes:
+      tx: the per-slot transformation (sees one slot's params, without the slot axis).
+        Build it with ``optax.inject_hyperparams`` (as ``adamw`` does) to make its
+        hyperparameters settable per slot.
+    """
+
+    tx: optax.GradientTransformation = dataclasses.field(default_factory=adamw)
+
+    def init(self, params: optax.Params) -> SlotOptState:
+        """Fresh state for ``params`` (leaves [N, ...])."""
+        grad_sum = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+        num_slots = jax.tree.leaves(params)[0].shape[0]
+        return SlotOptState(
+            jax.vmap(self.tx.init)(params), grad_sum, jnp.zeros((num_slots,), jnp.int32)
+        )
+
+    def update(
+        self,
+        params: optax.Params,
+        state: SlotOptState,
+        grads: optax.Updates,
+        losses: jax.Array,
+        num_tokens: jax.Array,
+        apply: jax.Array,
+    ) -> tuple[optax.Params, SlotOptState, SlotUpdate]:
+        """Accumulates one micro-batch and steps the slots in ``apply`` that have tokens.
+
+        A slot whose micro-batch loss or gradient is non-finite contributes nothing
+        (reported in ``SlotUpdate.nonfinite``); if it has no earlier tokens either, it
+        is not updated. Pure and jittable.
+
+        Args:
+          params: leaves [N, ...].
+          state: from ``init`` or an earlier update.
+          grads: like ``params``: gradients of each slot's summed token loss.
+          losses: float32 [N], each slot's summed token loss.
+          num_tokens: int32 [N], each slot's loss tokens in this micro-batch.
+          apply: bool [N], slots whose accumulated gradient is applied now; the others
+            only accumulate.
+
+        Returns:
+          The new params and state, and what happened to each slot.
+        """
+        present = num_tokens > 0
+        nonfinite = present & ~(jnp.isfinite(losses) & jnp.isfinite(slot_norms(grads)))
+        take = present & ~nonfinite
+        # Where, not a masked add: x + 0.0 would turn -0.0 into +0.0.
+        grad_sum = slot_where(
+            take,
+            jax.tree.map(lambda s, g: s + g.astype(jnp.float32), state.grad_sum, grads),
+            state.grad_sum,
+        )
+        total = state.num_tokens + jnp.where(take, num_tokens, 0)
+        ready = apply & (total > 0)
+
+        denominator = jnp.maximum(total, 1).astype(jnp.float32)
+        mean_grads = jax.tree.map(
+            lambda s, p: (s / denominator.reshape((-1,) + (1,) * (s.ndim - 1))).astype(p.dtype),
+            grad_sum,
+            params,
+        )
+        updates, inner = jax.vmap(self.tx.update)(mean_grads, state.inner, params)
+        new_params = slot_where(ready, optax.apply_updates(params, updates), params)
+        new_state = SlotOptState(
+            slot_where(ready, inner, state.inner),
+            slot_where(ready, jax.tree.map(jnp.zeros_like, grad_sum), grad_sum),
+            jnp.where(ready, 0, total),
+        )
+        grad_norm = jnp.where(ready, slot_norms(mean_grads), 0.0)
+        return new_params, new_state, SlotUpdate(ready, nonfinite, grad_norm)
+
+    def set_hyperparams(self, state: SlotOptState, slot: int, **values: float) -> SlotOptState:
+        """Sets hyperparameters of one slot (``tx`` must be ``optax.inject_hyperparams``).
+
+        Host-side, between steps; ``state`` is donated. A hyperparameter given as a
+        schedule is recomputed from the slot's step count at every update.
+
+        Raises:
+          KeyError: a name that is not a hyperparameter of ``tx``.
+        """
+        hyperparams = state.inner.hyperparams
+        unknown = sorted(set(values) - set(hyperparams))
+        if unknown:
+            raise KeyError(f"unknown hyperparameters {unknown}; known: {sorted(hyperparams)}")
+        names = sorted(values)
+        current = {name: hyperparams[name] for name in names}
+        new = write_slot(
+            current,
+            np.int32(slot),
+            {name: np.asarray(values[name], current[name].dtype) for name in names},
+        )
+        inner = state.inner._replace(hyperparams={**hyperparams, **new})
+        return state._replace(inner=inner)
+
+    def reset_slot(self, state: SlotOptState, params: optax.Params, slot: int) -> SlotOptState:
+        """Restarts one slot from a fresh ``tx.init`` (step count 0, default
+        hyperparameters, nothing accumulated), e.g. when it gets a new adapter.
+
+        Host-side, between steps; ``state`` is donated.
+        """
+        fresh = self.tx.init(jax.tree.map(lambda p: p[slot], params))
+        grad_sum = jax.tree.map(lambda s: jnp.zeros(s.shape[1:], s.dtype), state.grad_sum)
+        return write_slot(state, np.int32(slot), SlotOptState(fresh, grad_sum, np.int32(0)))
