@@ -1,0 +1,156 @@
+"""Forward over training and serving rows together, backward over training rows only.
+
+A unified batch packs ``n`` training rows first and serving rows after. Both go through
+each base GEMM together (one matmul per projection per layer), but only training rows are
+differentiated. Autodiff cannot prune the serving rows by itself: ``concat(x_train,
+stop_gradient(x_serve)) @ w`` still transposes to a matmul over all rows, and the norms,
+activations and attention of the concatenated rows save residuals for every row.
+
+``split_rows`` therefore defines the derivative of each stage (a decoder layer; the final
+norm and head) itself, with ``jax.custom_vjp``: the forward runs the stage once on the
+concatenated rows and saves only the stage's training-row inputs; the backward re-runs the
+stage on the training rows alone and takes that VJP. This is exact because no training row
+reads a serving row (attention never mixes segments) and serving outputs carry no
+gradient, and it leaves serving rows with no saved activation and no backward op at all.
+The price is a recomputation of each stage's forward for the training rows (what the
+backward reads of it; XLA drops the rest): per-layer activation checkpointing, which also
+bounds the saved training activations to one [n, d] input per layer.
+
+``tests/test_unified_step.py`` checks the pruning on the traced step: differentiating it
+adds no matmul over serving rows to the forward's and saves no serving-row residual,
+where stopping the serving rows' gradient alone adds both.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from loqjax.lora import LoraBatch, LoraParam
+from loqjax.model import CausalLM
+from loqjax.rope import rope_cos_sin
+
+
+def split_rows(
+    fn: Callable,
+    params,
+    x_train: jax.Array,
+    x_serve: jax.Array,
+    rows=(),
+    consts=(),
+) -> tuple[jax.Array, jax.Array]:
+    """``fn`` over the rows of ``x_train`` and ``x_serve`` in one call, differentiated
+    through the training rows only.
+
+    Args:
+      fn: ``fn(params, x, rows, consts) -> y`` mapping [R, ...] rows to [R, ...] rows,
+        where no output row depends on an input row of the other part.
+      params: pytree, differentiated.
+      x_train: [n, ...], differentiated.
+      x_serve: [m, ...], not differentiated.
+      rows: pytree of [n + m, ...] per-row arrays (positions, ...), not differentiated;
+        the backward gives ``fn`` their first n rows.
+      consts: pytree, not differentiated (frozen weights; metadata valid for any prefix of
+        the rows).
+
+    Returns:
+      (y_train [n, ...], y_serve [m, ...]); y_serve carries no gradient.
+    """
+    stop = jax.lax.stop_gradient
+    y_train, y_serve = _split_rows(fn, params, x_train, stop(x_serve), stop(rows), stop(consts))
+    return y_train, stop(y_serve)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _split_rows(fn, params, x_train, x_serve, rows, consts):
+    n = x_train.shape[0]
+    y = fn(params, jnp.concatenate([x_train, x_serve]), rows, consts)
+    return y[:n], y[n:]
+
+
+def _split_rows_fwd(fn, params, x_train, x_serve, rows, consts):
+    train_rows = jax.tree.map(lambda r: r[: x_train.shape[0]], rows)
+    return _split_rows(fn, params, x_train, x_serve, rows, consts), (
+        params,
+        x_train,
+        train_rows,
+        consts,
+    )
+
+
+def _split_rows_bwd(fn, residuals, cotangents):
+    params, x_train, train_rows, consts = residuals
+    _, vjp = jax.vjp(lambda p, x: fn(p, x, train_rows, consts), params, x_train)
+    d_params, d_x = vjp(cotangents[0])
+    return d_params, d_x, None, None, None
+
+
+_split_rows.defvjp(_split_rows_fwd, _split_rows_bwd)
+
+
+def _decoder_layer(graphdef, params, x, rows, consts):
+    frozen, lora = consts
+    y, _ = nnx.merge(graphdef, params, frozen)(x, *rows, lora)
+    return y
+
+
+def _final_norm_and_head(graphdef, params, x, rows, consts):
+    del params, rows
+    norm, head = nnx.merge(graphdef, consts)
+    return head.attend(norm(x))
+
+
+def split_logits(
+    model: CausalLM,
+    tokens: jax.Array,
+    positions: jax.Array,
+    segment_ids: jax.Array,
+    lora: LoraBatch,
+    *,
+    num_train_rows: int,
+    serve_rows: jax.Array | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """Logits of a unified batch: every training row, and the chosen serving rows.
+
+    The same values as ``model(tokens, positions, segment_ids, lora)`` at those rows; the
+    model's ``LoraParam`` values are differentiated through the training rows only.
+
+    Args:
+      model: a ``CausalLM`` with adapter tables.
+      tokens, positions, segment_ids: int32 [T], packed as for ``CausalLM.__call__``; no
+        segment spans row ``num_train_rows``.
+      lora: each row's adapter slot; ``grad_rows`` at most ``num_train_rows``.
+      num_train_rows: static n: rows [0, n) train, rows [n, T) serve.
+      serve_rows: int32 [M], serving rows (in [n, T)) whose logits to compute; None for
+        all of them.
+
+    Returns:
+      (float32 [n, V] training logits, float32 [M, V] (or [T - n, V]) serving logits
+      without gradient).
+    """
+    n = num_train_rows
+    cos, sin = rope_cos_sin(positions, model.config)
+    x = model.embed_tokens(tokens)
+    x_train, x_serve = x[:n], x[n:]
+    rows = (cos, sin, positions, segment_ids)
+    for layer in model.layers:
+        graphdef, params, frozen = nnx.split(layer, LoraParam, ...)
+        x_train, x_serve = split_rows(
+            functools.partial(_decoder_layer, graphdef),
+            params,
+            x_train,
+            x_serve,
+            rows,
+            (frozen, lora),
+        )
+    if serve_rows is not None:
+        x_serve = x_serve[serve_rows - n]
+    head = model.embed_tokens if model.lm_head is None else model.lm_head
+    graphdef, frozen = nnx.split((model.norm, head))
+    return split_rows(
+        functools.partial(_final_norm_and_head, graphdef), (), x_train, x_serve, consts=frozen
+    )
