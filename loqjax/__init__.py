@@ -26,6 +26,7 @@ from loqjax.lora import (
     lora_tables,
 )
 from loqjax.model import CausalLM
+from loqjax.optim import SlotOptimizer, SlotOptState, SlotUpdate
 from loqjax.peft_format import load_peft_adapter, save_peft_adapter
 from loqjax.registry import AdapterInfo, AdapterRegistry
 from loqjax.request import (
@@ -38,6 +39,15 @@ from loqjax.request import (
 )
 from loqjax.sampling import SamplingParams
 from loqjax.scheduler import EngineConfig
+from loqjax.unified import (
+    ServeSequence,
+    StepOutput,
+    TrainSequence,
+    TrainState,
+    UnifiedBatch,
+    make_unified_step,
+    split_model,
+)
 
 __all__ = [
     "BASE_PARAMS",
@@ -71,15 +81,25 @@ __all__ = [
     "RequestHandle",
     "RequestOutput",
     "SamplingParams",
+    "ServeSequence",
     "ShapeMismatchError",
+    "SlotOptState",
+    "SlotOptimizer",
+    "SlotUpdate",
+    "StepOutput",
     "StreamEvent",
     "TableFullError",
     "TargetModuleError",
+    "TrainSequence",
+    "TrainState",
+    "UnifiedBatch",
     "UnknownAdapterError",
     "add_lora_tables",
     "init_kv_cache",
     "load_model",
     "load_peft_adapter",
     "lora_tables",
+    "make_unified_step",
     "save_peft_adapter",
+    "split_model",
 ]

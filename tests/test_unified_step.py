@@ -1,0 +1,559 @@
+"""The unified step: per-adapter gradients of a mixed batch against each adapter alone and
+PEFT, serving logits against a serving-only forward, per-slot optax updates (by hand,
+accumulated, skipped when non-finite, untouched slots bit-identical), one compile for
+every layout, and a backward that never touches serving rows.
+
+Every step runs through one compiled function (``Setup.step``): one model, optimizer and
+set of batch capacities, so the module compiles it once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+import torch
+from flax import nnx
+from jax.extend import core as jax_core
+
+from loqjax import AdapterRegistry, LoraBatch, add_lora_tables, load_model, load_peft_adapter
+from loqjax import split_forward as split_forward_module
+from loqjax.optim import SlotOptimizer, adamw
+from loqjax.unified import (
+    ServeSequence,
+    TrainSequence,
+    TrainState,
+    UnifiedBatch,
+    make_unified_step,
+    slot_losses,
+    split_model,
+)
+
+from hf_reference import LORA_MAX_RANK, LORA_NUM_SLOTS, PEFT_ADAPTERS, pack, rel_err
+
+ARCH = "llama2"
+SLOT = {name: slot for slot, name in enumerate(PEFT_ADAPTERS)}  # registry load order
+NAME = {slot: name for name, slot in SLOT.items()}
+SLOTS = range(LORA_NUM_SLOTS)  # the last one stays empty
+# Static capacities; no model dimension is 48 (all rows) or 20 (serving rows).
+TRAIN_ROWS, SERVE_ROWS, NUM_SEGMENTS, NUM_SAMPLES = 28, 20, 8, 4
+ALONE_ROWS = 16  # capacity of the single-sequence reference batches
+TOL = 1e-4
+
+WEIGHT_DECAY, LEARNING_RATE, MAX_GRAD_NORM = 0.1, 1e-2, 1e6
+# Per-slot hyperparameters: mlp clips hard, kou learns slower, the rest use the defaults.
+HYPERPARAMS = {SLOT["mlp"]: dict(max_grad_norm=0.05), SLOT["kou"]: dict(learning_rate=3e-3)}
+OPTIMIZER = SlotOptimizer(
+    adamw(LEARNING_RATE, weight_decay=WEIGHT_DECAY, max_grad_norm=MAX_GRAD_NORM)
+)
+
+
+def _hyperparam(slot: int, name: str) -> float:
+    default = dict(learning_rate=LEARNING_RATE, max_grad_norm=MAX_GRAD_NORM)[name]
+    return HYPERPARAMS.get(slot, {}).get(name, default)
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+    graphdef: nnx.GraphDef
+    frozen: nnx.State
+    host_params: nnx.State  # numpy: every run starts from fresh buffers (the step donates)
+    step: object
+    vocab_size: int
+
+    def fresh_state(self) -> TrainState:
+        state = TrainState.create(jax.tree.map(jnp.array, self.host_params), OPTIMIZER)
+        opt = state.opt
+        for slot, values in HYPERPARAMS.items():
+            opt = OPTIMIZER.set_hyperparams(opt, slot, **values)
+        return state._replace(opt=opt)
+
+    def run(self, state: TrainState, batch: UnifiedBatch):
+        """One step: (new state, its host copy, host outputs)."""
+        state, out = self.step(self.frozen, state, batch)
+        return state, jax.tree.map(np.asarray, state), jax.tree.map(np.asarray, out)
+
+
+@pytest.fixture(scope="module")
+def setup(hf_models, peft_adapters) -> Setup:
+    _, model = load_model(hf_models[ARCH].path)
+    add_lora_tables(model, num_slots=LORA_NUM_SLOTS, max_rank=LORA_MAX_RANK)
+    registry = AdapterRegistry(model)
+    for name, adapter in peft_adapters[ARCH].items():
+        assert registry.load(name, load_peft_adapter(adapter.path)) == SLOT[name]
+    graphdef, frozen, params = split_model(model)
+    host_params = jax.tree.map(np.array, params)
+    step = make_unified_step(graphdef, OPTIMIZER)
+    return Setup(graphdef, frozen, host_params, step, hf_models[ARCH].vocab_size)
+
+
+def _train(setup, name, n, prompt, seed) -> TrainSequence:
+    """n random tokens for adapter ``name``; the first ``prompt`` are not scored."""
+    tokens = np.random.default_rng(seed).integers(0, setup.vocab_size, n, dtype=np.int32)
+    return TrainSequence(SLOT[name], tokens, np.arange(n) >= prompt)
+
+
+def _serve(setup, name, n, seed) -> ServeSequence:
+    tokens = np.random.default_rng(seed).integers(0, setup.vocab_size, n, dtype=np.int32)
+    return ServeSequence(-1 if name is None else SLOT[name], tokens)
+
+
+def _batch(train, serve=(), accumulate=()) -> UnifiedBatch:
+    return UnifiedBatch.pack(
+        train,
+        serve,
+        num_train_rows=TRAIN_ROWS,
+        num_serve_rows=SERVE_ROWS,
+        num_segments=NUM_SEGMENTS,
+        num_samples=NUM_SAMPLES,
+        num_slots=LORA_NUM_SLOTS,
+        accumulate=accumulate,
+    )
+
+
+TRAINED = (SLOT["all_rs"], SLOT["mlp"], SLOT["kou"])  # together they train every projection
+
+
+def _mixed_train(setup) -> list[TrainSequence]:
+    return [
+        _train(setup, "all_rs", 9, 3, seed=10),
+        _train(setup, "mlp", 7, 2, seed=11),
+        _train(setup, "kou", 8, 0, seed=12),
+    ]
+
+
+def _mixed_serve(setup) -> list[ServeSequence]:
+    """Requests for an adapter that is not training, the base alone, and an adapter that
+    trains in the same batch."""
+    return [_serve(setup, "qv", 6, 20), _serve(setup, None, 5, 21), _serve(setup, "all_rs", 7, 22)]
+
+
+@pytest.fixture(scope="module")
+def accumulated(setup):
+    """The mixed batch stepped with every slot only accumulating: (batch, host states
+    before and after, host outputs)."""
+    batch = _batch(_mixed_train(setup), _mixed_serve(setup), accumulate=SLOTS)
+    state = setup.fresh_state()
+    before = jax.tree.map(np.asarray, state)
+    _, after, out = setup.run(state, batch)
+    return batch, before, after, out
+
+
+@pytest.fixture(scope="module")
+def applied(setup):
+    """The mixed batch stepped with every slot applying: (host state after, outputs)."""
+    _, after, out = setup.run(setup.fresh_state(), _batch(_mixed_train(setup), _mixed_serve(setup)))
+    return after, out
+
+
+# --- references and comparisons --------------------------------------------------------
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _alone_loss_and_grads(graphdef, frozen, params, tokens, positions, segment_ids, lora, mask):
+    """Mean next-token cross-entropy over ``mask`` of one sequence through the plain model
+    forward, and its gradient w.r.t. the adapter tables."""
+
+    def loss(params):
+        logits = nnx.merge(graphdef, params, frozen)(tokens, positions, segment_ids, lora)
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits[:-1], tokens[1:])
+        return jnp.sum(jnp.where(mask[1:], ce, 0.0)) / jnp.sum(mask[1:])
+
+    return jax.value_and_grad(loss)(params)
+
+
+def _alone(setup, params, seq: TrainSequence) -> tuple[float, nnx.State]:
+    """(loss, gradient w.r.t. every table) of ``seq``'s adapter trained on it alone."""
+    n = len(seq.tokens)
+    mask = np.zeros(ALONE_ROWS, bool)
+    mask[:n] = seq.loss_mask
+    loss, grads = _alone_loss_and_grads(
+        setup.graphdef,
+        setup.frozen,
+        params,
+        *pack([seq.tokens], [0], ALONE_ROWS),
+        LoraBatch.pack([n], [seq.slot], num_segments=1),
+        mask,
+    )
+    return float(loss), grads
+
+
+def _peft(peft_model, seq: TrainSequence) -> tuple[float, dict]:
+    """The same loss in PyTorch, and its gradient {(layer, proj): (dA [d_in, r], dB [r,
+    d_out])} in our layout."""
+    tokens = torch.as_tensor(seq.tokens, dtype=torch.long)
+    logits = peft_model(input_ids=tokens[None], position_ids=torch.arange(len(tokens))[None])
+    ce = torch.nn.functional.cross_entropy(logits.logits[0, :-1], tokens[1:], reduction="none")
+    mask = torch.as_tensor(seq.loss_mask[1:], dtype=torch.float32)
+    loss = (ce * mask).sum() / mask.sum()
+    loss.backward()
+    grads = {}
+    for name, param in peft_model.named_parameters():
+        if ".lora_" in name:  # ...layers.{i}.{parent}.{proj}.lora_{A|B}.default.weight
+            *_, layer, _, proj, matrix, _, _ = name.split(".")
+            grads.setdefault((int(layer), proj), {})[matrix] = param.grad.numpy().T
+    peft_model.zero_grad(set_to_none=True)
+    return loss.item(), {key: (g["lora_A"], g["lora_B"]) for key, g in grads.items()}
+
+
+def _slot_tree(tree, slot: int):
+    """``tree`` with every leaf cut to its row ``slot`` (numpy)."""
+    return jax.tree.map(lambda x: np.asarray(x)[slot], tree)
+
+
+def _tables(tree: nnx.State) -> dict:
+    """{(layer, proj): (a, b)} of a state shaped like the LoraParam tables."""
+    out = {}
+    for path, value in nnx.to_flat_state(tree):
+        *_, layer, _, proj, _, matrix = path  # layers, i, self_attn|mlp, proj, adapters, a|b
+        out.setdefault((layer, proj), {})[matrix] = np.asarray(value[...])
+    return {key: (m["a"], m["b"]) for key, m in out.items()}
+
+
+def _assert_tables_close(ours: dict, ref: dict, what: str, rank: int | None = None):
+    """Every table of ``ref`` matches ours (cut to ``rank``); zero where ref is zero."""
+    for key, (ref_a, ref_b) in ref.items():
+        a, b = ours[key]
+        if rank is not None:
+            a, b = a[:, :rank], b[:rank]
+        for x, y in ((a, ref_a), (b, ref_b)):
+            if not y.any():
+                assert not x.any(), f"{what} {key}: nonzero where the reference is zero"
+                continue
+            err = rel_err(x, y)
+            assert err < TOL, f"{what} {key}: rel err {err:.2e}"
+
+
+def _assert_moved_alike(new, ref_new, old, what: str):
+    """One slot's tables moved from ``old`` to ``new`` as they did to ``ref_new``."""
+    delta, ref_delta = (_tables(jax.tree.map(np.subtract, t, old)) for t in (new, ref_new))
+    _assert_tables_close(delta, ref_delta, what)
+
+
+def _slot_bits_equal(a, b, slot: int) -> bool:
+    """Whether row ``slot`` of every leaf of the pytrees ``a`` and ``b`` has the same bits."""
+    return all(
+        np.asarray(x)[slot].tobytes() == np.asarray(y)[slot].tobytes()
+        for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
+    )
+
+
+def _assert_slot_bits_equal(a: TrainState, b: TrainState, slot: int):
+    """Params and every optimizer state leaf of ``slot`` are bit-identical."""
+    assert _slot_bits_equal(a.params, b.params, slot), f"slot {slot} params"
+    assert _slot_bits_equal(a.opt, b.opt, slot), f"slot {slot} optimizer state"
+
+
+# --- the mixed step --------------------------------------------------------------------
+
+
+def test_mixed_step_gradients_match_each_adapter_alone_and_peft(setup, accumulated, peft_adapters):
+    """The mean gradient each slot accumulates from one mixed step (3 adapters training,
+    3 requests serving) is ``jax.grad`` of that adapter's loss alone, and PEFT's."""
+    _, before, after, out = accumulated
+    assert not out.updated.any() and not out.nonfinite.any()
+    params = jax.tree.map(jnp.asarray, before.params)
+    for seq in _mixed_train(setup):
+        slot, name = seq.slot, NAME[seq.slot]
+        count = int(seq.loss_mask[1:].sum())
+        assert out.num_tokens[slot] == after.opt.num_tokens[slot] == count
+        grads = {
+            key: (a / count, b / count)
+            for key, (a, b) in _tables(_slot_tree(after.opt.grad_sum, slot)).items()
+        }
+
+        loss, alone = _alone(setup, params, seq)
+        assert abs(out.loss[slot] - loss) < TOL * loss
+        _assert_tables_close(grads, _tables(_slot_tree(alone, slot)), f"{name} vs alone")
+
+        peft_loss, peft_grads = _peft(peft_adapters[ARCH][name].torch_model, seq)
+        assert abs(out.loss[slot] - peft_loss) < TOL * peft_loss
+        rank, _, targets, _ = PEFT_ADAPTERS[name]
+        assert {proj for _, proj in peft_grads} == set(targets)
+        _assert_tables_close(grads, peft_grads, f"{name} vs PEFT", rank)
+        for (_, proj), (a, b) in grads.items():  # padded ranks and other projections: zero
+            assert not a[:, rank:].any() and not b[rank:].any()
+            assert (a.any() and b.any()) == (proj in targets), (name, proj)
+    for slot in set(SLOTS) - set(TRAINED):
+        assert out.num_tokens[slot] == 0
+        assert _slot_bits_equal(after.opt.grad_sum, before.opt.grad_sum, slot)
+
+
+def test_serving_logits_match_a_serving_only_forward(setup, accumulated, lora_forward):
+    batch, before, _, out = accumulated
+    serve = _mixed_serve(setup)
+    lengths = [len(s.tokens) for s in serve]
+    model = nnx.merge(setup.graphdef, jax.tree.map(jnp.asarray, before.params), setup.frozen)
+    logits = lora_forward(
+        model,
+        *pack([s.tokens for s in serve], [0] * len(serve)),
+        LoraBatch.pack(lengths, [s.slot for s in serve], NUM_SEGMENTS),
+    )
+    last_rows = np.cumsum(lengths) - 1
+    assert np.asarray(batch.sample_rows)[: len(serve)].tolist() == [
+        TRAIN_ROWS + row for row in last_rows
+    ]
+    ref = np.asarray(logits)[last_rows]
+    err = rel_err(out.next_logits[: len(serve)], ref)
+    assert err < 1e-5, f"rel err {err:.2e}"
+    np.testing.assert_array_equal(out.next_tokens[: len(serve)], ref.argmax(-1))
+
+
+def test_untouched_slots_stay_bit_identical(setup, applied):
+    """Over two applied steps, a slot that does not train keeps the bits of its params and
+    of every optimizer state leaf (moments, step counts, hyperparameters, accumulators)."""
+    first, out = applied
+    fresh = jax.tree.map(np.asarray, setup.fresh_state())
+    assert out.updated.tolist() == [s in TRAINED for s in SLOTS]
+    for slot in SLOTS:
+        if slot in TRAINED:
+            assert first.opt.inner.count[slot] == 1
+            assert not _slot_bits_equal(first.params, fresh.params, slot)
+        else:
+            _assert_slot_bits_equal(first, fresh, slot)
+
+    qv = SLOT["qv"]
+    batch = _batch([_train(setup, "qv", 10, 4, seed=30)], [_serve(setup, "kou", 9, seed=31)])
+    _, second, out = setup.run(jax.tree.map(jnp.asarray, first), batch)
+    assert out.updated.tolist() == [s == qv for s in SLOTS]
+    assert second.opt.inner.count[qv] == 1
+    for slot in set(SLOTS) - {qv}:
+        _assert_slot_bits_equal(second, first, slot)
+
+
+def _by_hand(slot: int) -> optax.GradientTransformation:
+    """What ``OPTIMIZER`` does to ``slot``, from plain optax."""
+    return optax.chain(
+        optax.clip_by_global_norm(_hyperparam(slot, "max_grad_norm")),
+        optax.adamw(_hyperparam(slot, "learning_rate"), weight_decay=WEIGHT_DECAY),
+    )
+
+
+def test_applied_updates_equal_optax_adamw_by_hand(setup, accumulated):
+    """Applying the accumulated mean gradients gives each slot what clipping plus
+    ``optax.adamw`` with that slot's own hyperparameters gives it alone; a slot's second
+    update uses its own step count for bias correction."""
+    _, before, after, _ = accumulated
+    serve_only = _batch([], _mixed_serve(setup))
+    state, first, out = setup.run(jax.tree.map(jnp.asarray, after), serve_only)
+    assert out.updated.tolist() == [s in TRAINED for s in SLOTS]
+    assert not first.opt.num_tokens.any()
+    by_hand = {}
+    for slot in TRAINED:
+        params = _slot_tree(before.params, slot)
+        count = after.opt.num_tokens[slot]
+        grads = jax.tree.map(lambda g, n=count: g / n, _slot_tree(after.opt.grad_sum, slot))
+        norm = float(optax.global_norm(grads))
+        assert abs(out.grad_norm[slot] - norm) < TOL * norm
+        assert (norm > _hyperparam(slot, "max_grad_norm")) == (slot == SLOT["mlp"])  # clips
+        tx = _by_hand(slot)
+        updates, opt_state = tx.update(grads, tx.init(params), params)
+        by_hand[slot] = tx, opt_state, optax.apply_updates(params, updates)
+        _assert_moved_alike(_slot_tree(first.params, slot), by_hand[slot][2], params, "1st")
+
+    all_rs = SLOT["all_rs"]
+    seq = _train(setup, "all_rs", 11, 4, seed=40)
+    _, second, out = setup.run(state, _batch([seq]))
+    assert out.updated.tolist() == [s == all_rs for s in SLOTS]
+    assert second.opt.inner.count.tolist() == [(s in TRAINED) + (s == all_rs) for s in SLOTS]
+    _, grads = _alone(setup, jax.tree.map(jnp.asarray, first.params), seq)
+    tx, opt_state, params = by_hand[all_rs]
+    updates, _ = tx.update(_slot_tree(grads, all_rs), opt_state, params)
+    ref = optax.apply_updates(params, updates)
+    _assert_moved_alike(_slot_tree(second.params, all_rs), ref, params, "2nd")
+
+
+def test_nonfinite_slot_is_skipped_and_reported(setup, applied):
+    """A target outside the vocabulary makes mlp's loss NaN: mlp is skipped, reported and
+    keeps its bits; every other slot and the serving outputs come out exactly as in the
+    same step without the bad target."""
+    clean, clean_out = applied
+    batch = _batch(_mixed_train(setup), _mixed_serve(setup))
+    row = 9 + 4  # a scored row of mlp's sequence, rows 9..15
+    assert batch.loss_mask[row]
+    targets = np.array(batch.targets)
+    targets[row] = setup.vocab_size
+    batch = dataclasses.replace(batch, targets=jnp.asarray(targets))
+    _, poisoned, out = setup.run(setup.fresh_state(), batch)
+
+    mlp = SLOT["mlp"]
+    assert out.nonfinite.tolist() == [s == mlp for s in SLOTS]
+    assert out.updated.tolist() == [s in TRAINED and s != mlp for s in SLOTS]
+    assert np.isnan(out.loss[mlp]) and np.isfinite(np.delete(out.loss, mlp)).all()
+    _assert_slot_bits_equal(poisoned, jax.tree.map(np.asarray, setup.fresh_state()), mlp)
+    for slot in set(SLOTS) - {mlp}:
+        _assert_slot_bits_equal(poisoned, clean, slot)
+    np.testing.assert_array_equal(out.next_logits, clean_out.next_logits)
+
+
+def test_accumulation_equals_one_step_on_the_union_batch(setup):
+    """mlp accumulates two micro-batches with different token counts (kou applies in the
+    first); the update equals one step on their union, whose loss is the mean over all
+    of mlp's loss tokens (not the mean of the two micro-batch means)."""
+    mlp, kou = SLOT["mlp"], SLOT["kou"]
+    x, y = _train(setup, "mlp", 12, 5, seed=50), _train(setup, "mlp", 6, 1, seed=51)
+    first = _batch([x, _train(setup, "kou", 9, 0, seed=52)], accumulate=[mlp])
+    state, _, out = setup.run(setup.fresh_state(), first)
+    assert out.updated.tolist() == [s == kou for s in SLOTS]
+    _, micro, out = setup.run(state, _batch([y], _mixed_serve(setup)))
+    assert out.updated[mlp] and out.num_tokens[mlp] == 5
+    _, union, out = setup.run(setup.fresh_state(), _batch([x, y]))
+    assert out.num_tokens[mlp] == 7 + 5
+
+    old = _slot_tree(setup.host_params, mlp)
+    _assert_moved_alike(_slot_tree(micro.params, mlp), _slot_tree(union.params, mlp), old, "")
+    for ours, ref in zip(
+        jax.tree.leaves(_slot_tree(micro.opt.inner, mlp)),
+        jax.tree.leaves(_slot_tree(union.opt.inner, mlp)),
+        strict=True,
+    ):
+        np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-12)
+
+
+def test_one_compile_for_every_layout(setup):
+    """Sequence counts, lengths and slots, and empty training or serving parts, are data."""
+    layouts = [
+        ([], []),
+        ([_train(setup, "qv", TRAIN_ROWS, 0, seed=60)], []),
+        ([], [_serve(setup, "mlp", SERVE_ROWS, seed=61)]),
+        (
+            [_train(setup, name, 5, 1, seed=62 + i) for i, name in enumerate(PEFT_ADAPTERS)],
+            [_serve(setup, None, 1, seed=70), _serve(setup, "qv", 2, seed=71)],
+        ),
+    ]
+    for train, serve in layouts:
+        setup.run(setup.fresh_state(), _batch(train, serve))
+    assert setup.step._cache_size() == 1
+
+
+# --- backward pruning ------------------------------------------------------------------
+
+
+def _dots_on_serving_rows(jaxpr: jax_core.Jaxpr) -> int:
+    """Matmuls (outside Pallas kernels) with an operand dimension of all rows or of the
+    serving rows, in ``jaxpr`` and every jaxpr nested in it."""
+    count = 0
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "pallas_call":
+            continue
+        if eqn.primitive.name == "dot_general":
+            dims = {d for var in eqn.invars for d in var.aval.shape}
+            count += bool(dims & {TRAIN_ROWS + SERVE_ROWS, SERVE_ROWS})
+        count += sum(_dots_on_serving_rows(sub) for sub in jax_core.jaxprs_in_params(eqn.params))
+    return count
+
+
+def _unpruned_split_rows(fn, params, x_train, x_serve, rows=(), consts=()):
+    """What plain autodiff would do: stop the serving rows and slice."""
+    n = x_train.shape[0]
+    y = fn(params, jnp.concatenate([x_train, jax.lax.stop_gradient(x_serve)]), rows, consts)
+    return y[:n], jax.lax.stop_gradient(y[n:])
+
+
+def test_backward_never_touches_serving_rows(setup, monkeypatch):
+    """Differentiating the step adds no matmul over serving rows to the forward's, and
+    saves no serving-row residual; stopping the serving rows' gradient alone would do
+    both (which shows that the checks can see them)."""
+    batch = _batch(_mixed_train(setup), _mixed_serve(setup))
+    params = jax.tree.map(jnp.asarray, setup.host_params)
+
+    def loss(params):
+        return slot_losses(setup.graphdef, setup.frozen, params, batch)[0]
+
+    def serving_work():
+        forward = _dots_on_serving_rows(jax.make_jaxpr(loss)(params).jaxpr)
+        backward = _dots_on_serving_rows(jax.make_jaxpr(jax.grad(loss))(params).jaxpr) - forward
+        residuals = jax.eval_shape(lambda p: jax.vjp(loss, p)[1], params)
+        serving_residuals = sum(
+            r.shape[:1] in ((TRAIN_ROWS + SERVE_ROWS,), (SERVE_ROWS,))
+            for r in jax.tree.leaves(residuals)
+        )
+        return forward, backward, serving_residuals
+
+    forward, backward, residuals = serving_work()
+    assert forward >= 9 * len(setup.host_params["layers"])  # 7 projections, 2 attention
+    assert (backward, residuals) == (0, 0)
+    monkeypatch.setattr(split_forward_module, "split_rows", _unpruned_split_rows)
+    _, backward, residuals = serving_work()
+    assert backward > 0 and residuals > 0
+
+
+def test_all_serving_logits(setup, accumulated, lora_forward):
+    """A step made with ``all_serving_logits`` also returns every serving row's logits."""
+    batch, before, _, out = accumulated
+    step = make_unified_step(setup.graphdef, OPTIMIZER, all_serving_logits=True)
+    _, all_out = step(setup.frozen, jax.tree.map(jnp.asarray, before), batch)
+    serve = _mixed_serve(setup)
+    lengths = [len(s.tokens) for s in serve]
+    model = nnx.merge(setup.graphdef, jax.tree.map(jnp.asarray, before.params), setup.frozen)
+    ref = lora_forward(
+        model,
+        *pack([s.tokens for s in serve], [0] * len(serve)),
+        LoraBatch.pack(lengths, [s.slot for s in serve], NUM_SEGMENTS),
+    )
+    rows = sum(lengths)
+    assert all_out.serving_logits.shape == (SERVE_ROWS, setup.vocab_size)
+    assert rel_err(all_out.serving_logits[:rows], np.asarray(ref)[:rows]) < 1e-5
+    np.testing.assert_allclose(all_out.next_logits, out.next_logits, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(all_out.loss, out.loss)
+
+
+# --- packing -----------------------------------------------------------------------------
+
+
+def _pack(train, serve, **overrides) -> UnifiedBatch:
+    sizes = dict(num_train_rows=6, num_serve_rows=4, num_segments=6, num_samples=3, num_slots=3)
+    return UnifiedBatch.pack(train, serve, **{**sizes, **overrides})
+
+
+def test_pack_layout():
+    train = [
+        TrainSequence(2, np.array([5, 6, 7]), np.array([False, True, True])),
+        TrainSequence(0, np.array([8, 9])),
+    ]
+    serve = [ServeSequence(-1, np.array([1, 2])), ServeSequence(1, np.array([3]))]
+    batch = _pack(train, serve, accumulate=[0])
+    expected = dict(
+        tokens=[5, 6, 7, 8, 9, 0, 1, 2, 3, 0],
+        positions=[0, 1, 2, 0, 1, 0, 0, 1, 0, 0],
+        segment_ids=[0, 0, 0, 1, 1, -1, 2, 2, 3, -1],
+        targets=[6, 7, 0, 9, 0, 0],
+        loss_mask=[True, True, False, True, False, False],
+        sample_rows=[7, 8, 6],
+        apply=[False, True, True],
+    )
+    for field, value in expected.items():
+        assert np.asarray(getattr(batch, field)).tolist() == value, field
+    assert np.asarray(batch.lora.seg_ends).tolist() == [3, 5, 6, 8, 9, 9]
+    assert np.asarray(batch.lora.seg_slots).tolist() == [2, 0, -1, -1, 1, -1]
+    assert batch.lora.grad_rows == 5 and batch.num_train_rows == 6
+
+
+@pytest.mark.parametrize(
+    "train, serve, overrides, match",
+    [
+        ([TrainSequence(0, np.arange(7))], [], {}, "7 training and 0 serving tokens exceed"),
+        ([], [ServeSequence(0, np.arange(5))], {}, "0 training and 5 serving tokens exceed"),
+        ([TrainSequence(3, np.arange(2))], [], {}, r"training slot 3 is outside \[0, 3\)"),
+        ([TrainSequence(-1, np.arange(2))], [], {}, "training slot -1"),
+        ([], [ServeSequence(-2, np.arange(2))], {}, r"serving slot -2 is outside \[-1, 3\)"),
+        ([TrainSequence(0, np.arange(2), np.ones(3, bool))], [], {}, "3 mask entries for 2"),
+        ([], [ServeSequence(0, np.arange(0))], {}, "at least one token"),
+        ([], [ServeSequence(0, np.arange(1))] * 2, dict(num_samples=1), "2 serving requests"),
+        ([], [], dict(num_serve_rows=0), "num_samples > 0 needs serving rows"),
+        (
+            [TrainSequence(0, np.arange(1))] * 5,
+            [],
+            dict(num_segments=5),
+            "need 6 segments .* num_segments=5",
+        ),
+    ],
+)
+def test_pack_rejects(train, serve, overrides, match):
+    with pytest.raises(ValueError, match=match):
+        _pack(train, serve, **overrides)
