@@ -234,7 +234,11 @@ class StepOutput:
 
 def split_model(model: CausalLM) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
     """(graphdef, frozen, params): the model's structure, everything but the adapter
-    weights (base weights, adapter scales), and the ``LoraParam`` adapter tables."""
+    weights (base weights, adapter scales), and the ``LoraParam`` adapter tables.
+
+    ``params`` shares the model's buffers, which the first step donates: write trained
+    tables back with ``nnx.update(model, state.params)`` before using the model again.
+    """
     graphdef, params, frozen = nnx.split(model, LoraParam, ...)
     return graphdef, frozen, params
 
