@@ -64,6 +64,13 @@ def reference_attention(
     """
     t, num_heads, head_dim = q.shape
     num_kv_heads = k.shape[1]
+    # Masked pairs get probability (and cotangent) exactly 0, but 0 * NaN = NaN, forward and
+    # backward: a non-finite q, k or v in one segment (an adapter slot gone bad, say) would
+    # leak into every other. So attend over zeroed copies, then poison exactly the queries
+    # whose own head or visible keys hold a non-finite value.
+    q, bad_q = _zero_non_finite(q)
+    k, bad_k = _zero_non_finite(k)
+    v, bad_v = _zero_non_finite(v)
     q = q.reshape(t, num_kv_heads, num_heads // num_kv_heads, head_dim)
     scores = jnp.einsum("tkgd,skd->kgts", q, k, preferred_element_type=jnp.float32)
     scores = scores * head_dim**-0.5
@@ -72,7 +79,18 @@ def reference_attention(
     scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum("kgts,skd->tkgd", probs, v)
+    sees_bad = jnp.einsum(
+        "ts,sk->tk", mask.astype(jnp.float32), (bad_k | bad_v).astype(jnp.float32)
+    )
+    poisoned = (sees_bad > 0)[:, :, None] | bad_q.reshape(t, num_kv_heads, -1)
+    out = jnp.where(poisoned[..., None], jnp.nan, out)
     return out.reshape(t, num_heads, head_dim)
+
+
+def _zero_non_finite(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``x`` [N, H, D] with non-finite entries zeroed, and which (N, H) rows had any."""
+    finite = jnp.isfinite(x)
+    return jnp.where(finite, x, 0), ~finite.all(axis=-1)
 
 
 def paged_attention(

@@ -2,6 +2,7 @@
 
 import dataclasses
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -91,3 +92,35 @@ def test_query_without_visible_keys_stays_finite():
         jnp.zeros(3, jnp.int32),
     )
     assert out.shape == (2, 4, 8) and np.isfinite(np.asarray(out)).all()
+
+
+def test_non_finite_values_stay_in_their_segment():
+    """0 * NaN is NaN: a bad value in one segment must poison that segment only."""
+    rng = np.random.default_rng(0)
+    q, k, v = (jnp.asarray(rng.normal(size=(6, 4, 8)), jnp.float32) for _ in range(3))
+    k, v = k[:, :2], v[:, :2]  # GQA: 4 query heads over 2 kv heads
+    pos = jnp.array([0, 1, 2, 0, 1, 2], jnp.int32)
+    seg = jnp.array([0, 0, 0, 1, 1, 1], jnp.int32)
+    clean = reference_attention(q, k, v, pos, pos, seg, seg)
+    bad = reference_attention(q, k, v.at[4, 1, 3].set(jnp.nan), pos, pos, seg, seg)
+    np.testing.assert_array_equal(bad[:4], clean[:4])  # segment 0, and segment 1 before it
+    assert np.isnan(bad[4:, 2:]).all()  # the kv head it sits in, from position 1 on
+    np.testing.assert_array_equal(bad[4:, :2], clean[4:, :2])  # the other kv head
+
+
+def test_non_finite_values_stay_in_their_segment_backward():
+    """The same isolation for gradients: cotangents of masked pairs are 0 too."""
+    rng = np.random.default_rng(1)
+    q, k, v = (jnp.asarray(rng.normal(size=(6, 2, 8)), jnp.float32) for _ in range(3))
+    pos = jnp.array([0, 1, 2, 0, 1, 2], jnp.int32)
+    seg = jnp.array([0, 0, 0, 1, 1, 1], jnp.int32)
+
+    def segment0_loss(q, k, v):
+        return reference_attention(q, k, v, pos, pos, seg, seg)[:3].sum()
+
+    clean = jax.grad(segment0_loss, argnums=(0, 1, 2))(q, k, v)
+    bad = jax.grad(segment0_loss, argnums=(0, 1, 2))(
+        q.at[4].set(jnp.nan), k.at[5].set(jnp.inf), v.at[3].set(jnp.nan)
+    )
+    for got, want in zip(bad, clean, strict=True):
+        np.testing.assert_array_equal(got, want)

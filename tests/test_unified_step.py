@@ -391,6 +391,23 @@ def test_nonfinite_slot_is_skipped_and_reported(setup, applied):
     np.testing.assert_array_equal(out.next_logits, clean_out.next_logits)
 
 
+def test_nonfinite_weights_stay_in_their_slot(setup, applied):
+    """NaN adapter weights in mlp's slot make mlp's loss NaN (skipped and reported); no NaN
+    crosses into the other sequences of the packed batch: every other slot and the serving
+    outputs come out exactly as in the clean step."""
+    clean, clean_out = applied
+    mlp = SLOT["mlp"]
+    state = setup.fresh_state()
+    state = state._replace(params=jax.tree.map(lambda w: w.at[mlp].set(jnp.nan), state.params))
+    _, poisoned, out = setup.run(state, _batch(_mixed_train(setup), _mixed_serve(setup)))
+
+    assert out.nonfinite.tolist() == [s == mlp for s in SLOTS]
+    assert out.updated.tolist() == [s in TRAINED and s != mlp for s in SLOTS]
+    for slot in set(SLOTS) - {mlp}:
+        _assert_slot_bits_equal(poisoned, clean, slot)
+    np.testing.assert_array_equal(out.next_logits, clean_out.next_logits)
+
+
 def test_accumulation_equals_one_step_on_the_union_batch(setup):
     """mlp accumulates two micro-batches with different token counts (kou applies in the
     first); the update equals one step on their union, whose loss is the mean over all
