@@ -1,0 +1,176 @@
+"""Fine-tuning jobs: an adapter configuration, a prompt/completion dataset and a schedule.
+
+A dataset is a JSONL file (or a list) of ``{"prompt": str, "completion": str}`` records.
+Training sequences are ``<bos> prompt completion`` with the loss on completion tokens only;
+a deterministic shuffle puts ``eval_fraction`` of the records aside for eval loss and
+exact-match accuracy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from loqjax.adapter import LoraAdapter
+from loqjax.lora import TARGET_MODULES
+from loqjax.model import CausalLM
+from loqjax.unified import TrainSequence
+
+
+class DatasetError(ValueError):
+    """A dataset file or record is malformed."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Record:
+    prompt: str
+    completion: str
+
+
+def load_records(source: str | os.PathLike | Sequence[dict]) -> list[Record]:
+    """Records from a JSONL path or a list of dicts.
+
+    Raises:
+      DatasetError: unreadable JSON, a record that is not an object, a missing or
+        non-string ``prompt``/``completion`` (naming the file and line), or no records.
+    """
+    if isinstance(source, str | os.PathLike):
+        where = str(source)
+        try:
+            lines = Path(source).read_text().splitlines()
+        except OSError as error:
+            raise DatasetError(f"cannot read dataset {where}: {error}") from error
+        rows = []
+        for number, line in enumerate(lines, 1):
+            if line.strip():
+                try:
+                    rows.append((f"{where}:{number}", json.loads(line)))
+                except json.JSONDecodeError as error:
+                    raise DatasetError(f"{where}:{number}: invalid JSON: {error}") from error
+    else:
+        where = "dataset"
+        rows = [(f"record {i}", row) for i, row in enumerate(source)]
+    records = []
+    for place, row in rows:
+        if not isinstance(row, dict):
+            raise DatasetError(f"{place}: expected a JSON object, got {type(row).__name__}")
+        missing = [k for k in ("prompt", "completion") if not isinstance(row.get(k), str)]
+        if missing:
+            raise DatasetError(
+                f"{place}: missing or non-string field(s) {missing}; every record needs "
+                '"prompt" and "completion" strings'
+            )
+        records.append(Record(row["prompt"], row["completion"]))
+    if not records:
+        raise DatasetError(f"{where} has no records")
+    return records
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+    """A new adapter: rank, alpha, target projections, init seed (A random, B zero)."""
+
+    rank: int = 8
+    alpha: float = 16.0
+    target_modules: tuple[str, ...] = tuple(TARGET_MODULES)
+    seed: int = 0
+
+    def init_adapter(self, model: CausalLM) -> LoraAdapter:
+        """PEFT's init: A ~ U(+-1/sqrt(d_in)), B = 0, so the adapter starts as the base."""
+        rng = np.random.default_rng(self.seed)
+        weights = {}
+        for layer_index, layer in enumerate(model.layers):
+            for name in self.target_modules:
+                linear = getattr(getattr(layer, TARGET_MODULES[name]), name)
+                d_in, d_out = linear.kernel.shape
+                bound = 1.0 / math.sqrt(d_in)
+                a = rng.uniform(-bound, bound, (d_in, self.rank)).astype(np.float32)
+                weights[layer_index, name] = (a, np.zeros((self.rank, d_out), np.float32))
+        return LoraAdapter(self.rank, self.alpha, weights)
+
+
+@dataclasses.dataclass(frozen=True)
+class FineTuneJob:
+    """Train adapter ``name`` on ``dataset``.
+
+    Attributes:
+      name: the adapter's registry name; it is servable from the job's start on.
+      dataset: JSONL path or list of ``{"prompt", "completion"}`` dicts.
+      lora: the new adapter's configuration.
+      hyperparams: per-slot hyperparameters of the runtime's optimizer (e.g.
+        ``{"learning_rate": 3e-3}`` for ``optim.adamw``).
+      steps: optimizer updates; None: ``epochs`` passes over the training split.
+      epochs: used when ``steps`` is None.
+      batch_tokens: training tokens per update; a step that grants fewer accumulates.
+      eval_fraction: share of records held out for evaluation.
+      eval_every: updates between eval losses (also at the start and the end).
+      seed: shuffles the records and orders each epoch.
+    """
+
+    name: str
+    dataset: str | os.PathLike | Sequence[dict]
+    lora: LoraConfig = LoraConfig()
+    hyperparams: dict[str, float] = dataclasses.field(default_factory=dict)
+    steps: int | None = None
+    epochs: float = 1.0
+    batch_tokens: int = 256
+    eval_fraction: float = 0.1
+    eval_every: int = 25
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.steps is not None and self.steps < 1:
+            raise ValueError(f"steps must be >= 1, got {self.steps}")
+        if self.epochs <= 0 or self.batch_tokens < 1 or self.eval_every < 1:
+            raise ValueError("epochs, batch_tokens and eval_every must be positive")
+        if not 0.0 <= self.eval_fraction < 1.0:
+            raise ValueError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Example:
+    """A tokenized record: ``tokens`` int32 [L] = bos + prompt + completion, the loss on
+    the completion; ``prompt_len`` = bos + prompt tokens."""
+
+    record: Record
+    tokens: np.ndarray
+    prompt_len: int
+
+    def sequence(self, slot: int) -> TrainSequence:
+        mask = np.arange(len(self.tokens)) >= self.prompt_len
+        return TrainSequence(slot, self.tokens, mask)
+
+
+def tokenize(records: Sequence[Record], tokenizer) -> list[Example]:
+    """Examples of ``records``: the prompt with the tokenizer's special tokens (bos), the
+    completion without."""
+    examples = []
+    for record in records:
+        prompt = tokenizer(record.prompt)["input_ids"]
+        completion = tokenizer(record.completion, add_special_tokens=False)["input_ids"]
+        tokens = np.asarray(prompt + completion, np.int32)
+        examples.append(Example(record, tokens, len(prompt)))
+    return examples
+
+
+def split(examples: Sequence[Example], eval_fraction: float, seed: int):
+    """(train, eval) after a seeded shuffle; eval gets ``ceil(fraction * n)``, at least one
+    train example stays."""
+    order = np.random.default_rng(seed).permutation(len(examples))
+    num_eval = min(math.ceil(eval_fraction * len(examples)), len(examples) - 1)
+    shuffled = [examples[i] for i in order]
+    return shuffled[num_eval:], shuffled[:num_eval]
+
+
+def epochs_of(examples: Sequence[Example], seed: int) -> Iterator[Example]:
+    """Endless stream of ``examples``, reshuffled every epoch."""
+    rng = np.random.default_rng(seed)
+    while True:
+        for i in rng.permutation(len(examples)):
+            yield examples[i]

@@ -1,0 +1,155 @@
+"""Runtime metrics: per adapter and overall serving/training throughput, TTFT/TPOT
+percentiles, SLO attainment, and each job's loss curves; kept in memory, optionally
+appended to a JSONL log as events happen, and plotted with matplotlib (``plot`` extra)."""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from loqjax.slo_scheduler import SloTargets
+
+BASE = "<base>"  # the name under which base-model-only requests are reported
+
+
+@dataclasses.dataclass(frozen=True)
+class RequestRecord:
+    """A finished serving request: seconds to its first token and between later ones."""
+
+    adapter: str
+    ttft_s: float
+    tpot_s: tuple[float, ...]
+
+    def meets(self, slo: SloTargets) -> bool:
+        return self.ttft_s <= slo.ttft_s and all(t <= slo.tpot_s for t in self.tpot_s)
+
+
+def percentiles(values, qs=(50, 90, 99)) -> dict[str, float | None]:
+    values = np.asarray(list(values), float)
+    return {f"p{q}": float(np.percentile(values, q)) if values.size else None for q in qs}
+
+
+class Metrics:
+    """Accumulates runtime events; ``summary()`` is the report, ``log_path`` the JSONL log."""
+
+    def __init__(self, slo: SloTargets, log_path: str | os.PathLike | None = None):
+        self.slo = slo
+        self.log_path = None if log_path is None else Path(log_path)
+        if self.log_path is not None:
+            self.log_path.parent.mkdir(parents=True, exist_ok=True)
+            self.log_path.write_text("")
+        self.start: float | None = None
+        self.end: float | None = None
+        self.requests: list[RequestRecord] = []
+        self.served_tokens: collections.Counter[str] = collections.Counter()
+        self.trained_tokens: collections.Counter[str] = collections.Counter()
+        self.train_loss: dict[str, list[tuple[int, float]]] = collections.defaultdict(list)
+        self.eval_loss: dict[str, list[tuple[int, float]]] = collections.defaultdict(list)
+        self.num_steps = 0
+
+    def _log(self, event: str, **fields: Any) -> None:
+        if self.log_path is not None:
+            with self.log_path.open("a") as f:
+                f.write(json.dumps({"event": event, **fields}) + "\n")
+
+    def step(
+        self,
+        start: float,
+        end: float,
+        served: dict[str, int],
+        trained: dict[str, int],
+    ) -> None:
+        """One runtime step from ``start`` to ``end`` (s): generated tokens and training
+        tokens per adapter."""
+        self.start = start if self.start is None else self.start
+        self.end = end
+        self.num_steps += 1
+        self.served_tokens.update(served)
+        self.trained_tokens.update(trained)
+        self._log("step", start=start, seconds=end - start, served=served, trained=trained)
+
+    def request(self, record: RequestRecord) -> None:
+        self.requests.append(record)
+        self._log("request", **dataclasses.asdict(record), slo_met=record.meets(self.slo))
+
+    def train(self, job: str, update: int, loss: float) -> None:
+        self.train_loss[job].append((update, loss))
+        self._log("train", job=job, update=update, loss=loss)
+
+    def eval(self, job: str, update: int, loss: float) -> None:
+        self.eval_loss[job].append((update, loss))
+        self._log("eval", job=job, update=update, loss=loss)
+
+    def summary(self) -> dict[str, Any]:
+        """{"overall": ..., "adapters": {name: ...}}: tokens/s, latency percentiles (s),
+        SLO attainment (share of finished requests meeting both targets)."""
+        seconds = max((self.end or 0.0) - (self.start or 0.0), 1e-9)
+        names = sorted({*self.served_tokens, *self.trained_tokens, *self.train_loss})
+
+        def report(requests, served, trained, name=None) -> dict[str, Any]:
+            out = {
+                "serving_tokens_per_s": served / seconds,
+                "training_tokens_per_s": trained / seconds,
+                "requests": len(requests),
+                "ttft_s": percentiles(r.ttft_s for r in requests),
+                "tpot_s": percentiles(t for r in requests for t in r.tpot_s),
+                "slo_attainment": (
+                    sum(r.meets(self.slo) for r in requests) / len(requests) if requests else None
+                ),
+            }
+            if name in self.train_loss:
+                out["train_loss"] = self.train_loss[name]
+                out["eval_loss"] = self.eval_loss[name]
+            return out
+
+        adapters = {
+            name: report(
+                [r for r in self.requests if r.adapter == name],
+                self.served_tokens[name],
+                self.trained_tokens[name],
+                name,
+            )
+            for name in names
+        }
+        overall = report(
+            self.requests, sum(self.served_tokens.values()), sum(self.trained_tokens.values())
+        )
+        overall.update(seconds=seconds, steps=self.num_steps)
+        return {"overall": overall, "adapters": adapters}
+
+    def plot(self, path: str | os.PathLike) -> Path | None:
+        """Loss curves and latency distributions as an image; None (and a message on
+        stdout) when matplotlib is missing."""
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            print("matplotlib is not installed, skipping the plot: pip install 'loqjax[plot]'")
+            return None
+        fig, (loss_ax, latency_ax) = plt.subplots(1, 2, figsize=(11, 4))
+        for job, points in self.train_loss.items():
+            loss_ax.plot(*zip(*points, strict=True), label=f"{job} train")
+        for job, points in self.eval_loss.items():
+            loss_ax.plot(*zip(*points, strict=True), "o--", label=f"{job} eval")
+        loss_ax.set(xlabel="update", ylabel="loss", title="fine-tuning loss")
+        loss_ax.legend()
+        ttft = [r.ttft_s for r in self.requests]
+        tpot = [t for r in self.requests for t in r.tpot_s]
+        latency_ax.hist([ttft, tpot], bins=30, label=["TTFT", "TPOT"])
+        latency_ax.axvline(self.slo.ttft_s, color="C0", ls=":")
+        latency_ax.axvline(self.slo.tpot_s, color="C1", ls=":")
+        latency_ax.set(xlabel="seconds", ylabel="count", title="serving latency (SLOs dotted)")
+        latency_ax.legend()
+        fig.tight_layout()
+        path = Path(path)
+        fig.savefig(path)
+        plt.close(fig)
+        return path
