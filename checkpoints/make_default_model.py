@@ -1,6 +1,7 @@
 """Writes the tiny default model to checkpoints/default/: random Llama weights + byte tokenizer.
 
-Needs the test extra (torch). Deterministic: rerunning reproduces the committed files.
+Needs the test extra (torch). Deterministic. The committed weights are this model after
+``pretrain_default_model.py``, which imports ``build_model`` and ``build_tokenizer``.
 
     python checkpoints/make_default_model.py [--out DIR]
 """

@@ -132,6 +132,14 @@ class FineTuneJob:
         if not 0.0 <= self.eval_fraction < 1.0:
             raise ValueError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
 
+    def examples(self, tokenizer) -> tuple[list[Example], list[Example]]:
+        """The tokenized (train, eval) split of the dataset; deterministic in ``seed``.
+
+        Raises:
+          DatasetError: see ``load_records``.
+        """
+        return split(tokenize(load_records(self.dataset), tokenizer), self.eval_fraction, self.seed)
+
 
 @dataclasses.dataclass(frozen=True)
 class Example:

@@ -31,7 +31,7 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from loqjax.adapter import LoraAdapter
-from loqjax.jobs import Example, FineTuneJob, epochs_of, load_records, split, tokenize
+from loqjax.jobs import Example, FineTuneJob, epochs_of
 from loqjax.metrics import BASE, Metrics, RequestRecord
 from loqjax.model import CausalLM
 from loqjax.optim import SlotOptimizer
@@ -239,14 +239,13 @@ class Runtime:
           DatasetError: bad records; ValueError: an example longer than ``train_rows``;
           and the registry's ``AdapterError``s (name taken, table full, bad config).
         """
-        examples = tokenize(load_records(job.dataset), self.tokenizer)
-        longest = max(len(e.tokens) for e in examples)
+        train, held_out = job.examples(self.tokenizer)
+        longest = max(len(e.tokens) for e in train + held_out)
         if longest > self.config.train_rows:
             raise ValueError(
                 f"job {job.name!r} has a {longest}-token example; train_rows is "
                 f"{self.config.train_rows}"
             )
-        train, held_out = split(examples, job.eval_fraction, job.seed)
         total = job.steps or math.ceil(
             job.epochs * sum(len(e.tokens) for e in train) / job.batch_tokens
         )
