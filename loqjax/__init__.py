@@ -14,6 +14,7 @@ from loqjax.adapter import (
 from loqjax.config import Llama3RopeScaling, ModelConfig
 from loqjax.engine import Engine, EngineStats, RequestHandle
 from loqjax.hf_checkpoint import CheckpointError, load_model
+from loqjax.jobs import DatasetError, FineTuneJob, LoraConfig
 from loqjax.kv_cache import KVCache, LayerKV, PageBatch, PagePool, init_kv_cache
 from loqjax.lora import (
     BASE_PARAMS,
@@ -25,6 +26,7 @@ from loqjax.lora import (
     add_lora_tables,
     lora_tables,
 )
+from loqjax.metrics import Metrics
 from loqjax.model import CausalLM
 from loqjax.optim import SlotOptimizer, SlotOptState, SlotUpdate
 from loqjax.peft_format import load_peft_adapter, save_peft_adapter
@@ -37,8 +39,10 @@ from loqjax.request import (
     RequestOutput,
     StreamEvent,
 )
+from loqjax.runtime import JobRun, Runtime, RuntimeConfig, ServeRequest
 from loqjax.sampling import SamplingParams
 from loqjax.scheduler import EngineConfig
+from loqjax.slo_scheduler import Allocation, ServeDemand, SloTargets, StepCost, TokenPolicy
 from loqjax.unified import (
     ServeSequence,
     StepOutput,
@@ -55,22 +59,28 @@ __all__ = [
     "AdapterError",
     "AdapterInfo",
     "AdapterRegistry",
+    "Allocation",
     "CausalLM",
     "CheckpointError",
+    "DatasetError",
     "DuplicateAdapterError",
     "Engine",
     "EngineConfig",
     "EngineStats",
+    "FineTuneJob",
     "InvalidPromptError",
     "InvalidSamplingParamsError",
+    "JobRun",
     "KVCache",
     "LayerKV",
     "Llama3RopeScaling",
     "LoraAdapter",
     "LoraBatch",
+    "LoraConfig",
     "LoraParam",
     "LoraScale",
     "LoraTable",
+    "Metrics",
     "ModelConfig",
     "PageBatch",
     "PagePool",
@@ -80,16 +90,23 @@ __all__ = [
     "RequestError",
     "RequestHandle",
     "RequestOutput",
+    "Runtime",
+    "RuntimeConfig",
     "SamplingParams",
+    "ServeDemand",
+    "ServeRequest",
     "ServeSequence",
     "ShapeMismatchError",
+    "SloTargets",
     "SlotOptState",
     "SlotOptimizer",
     "SlotUpdate",
+    "StepCost",
     "StepOutput",
     "StreamEvent",
     "TableFullError",
     "TargetModuleError",
+    "TokenPolicy",
     "TrainSequence",
     "TrainState",
     "UnifiedBatch",
