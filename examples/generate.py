@@ -10,7 +10,7 @@ from pathlib import Path
 
 import jax.numpy as jnp
 
-from loqjax import Engine, SamplingParams
+from loqjax import Engine, EngineConfig, SamplingParams
 
 DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "checkpoints" / "default"
 
@@ -24,7 +24,9 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     args = parser.parse_args(argv)
 
-    engine = Engine.from_pretrained(args.model, dtype=jnp.dtype(args.dtype))
+    # 512 positions: what the default model has; enough for any prompt of this example.
+    config = EngineConfig(max_seq_len=512)
+    engine = Engine.from_pretrained(args.model, config, dtype=jnp.dtype(args.dtype))
     sampling = SamplingParams(temperature=0.0, max_tokens=args.max_new_tokens)
     text = engine.submit(args.prompt, sampling=sampling).result().text
     print(f"{args.prompt}{text}")
