@@ -1,7 +1,7 @@
-"""Orbax checkpoints of adapters: bit-exact round trips, loading into a registry and
-engine of another process and another slot, PEFT export, retention, default paths, a
-save killed mid-write, bad or foreign checkpoints refused without touching the live
-slot."""
+"""Orbax checkpoints of adapters and jobs: bit-exact round trips, loading into a registry
+and engine of another process and another slot, PEFT export, retention, default paths,
+a save killed mid-write, bad or foreign checkpoints refused without touching the live
+slot, and a job resumed in a fresh process bit-identical to one never stopped."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from loqjax import (
@@ -31,10 +32,14 @@ from loqjax.ckpt import (
     ENV_VAR,
     AdapterCheckpoints,
     CheckpointRestoreError,
+    JobCheckpoints,
     Retention,
 )
+from loqjax.optim import SlotOptimizer
+from loqjax.unified import TrainState, split_model
 
 import _kill_during_save
+import _resume_job
 from hf_reference import LORA_MAX_RANK, LORA_NUM_SLOTS, PEFT_ADAPTERS
 
 ARCH = "llama2"
@@ -223,8 +228,8 @@ def test_default_directories_and_their_override(source, monkeypatch, tmp_path):
     with AdapterCheckpoints(model, "poet") as ckpts:
         assert ckpts.directory == tmp_path / "checkpoints" / "adapters" / "poet"
     monkeypatch.setenv(ENV_VAR, str(tmp_path / "elsewhere"))
-    with AdapterCheckpoints(model, "poet") as ckpts:
-        assert ckpts.directory == tmp_path / "elsewhere" / "adapters" / "poet"
+    with JobCheckpoints(model, SlotOptimizer(), "poet-sft") as jobs:
+        assert jobs.directory == tmp_path / "elsewhere" / "jobs" / "poet-sft"
     with AdapterCheckpoints(model, "poet", directory=tmp_path / "mine") as ckpts:
         assert ckpts.directory == tmp_path / "mine"
     for name in ("", "..", "a/b"):
@@ -370,3 +375,84 @@ def test_rank_above_the_tables_max_rank_is_refused(hf_models, peft_adapters, sav
         assert _table_bytes(model) == before
         assert ckpts.load(registry, "qv2", step=1) == 1  # rank 4 fits
     assert registry.adapters.keys() == {"qv", "qv2"}
+
+
+def test_job_checkpoint_round_trip_and_mismatches(hf_models, tmp_path):
+    """A job saved before any step: config, raw RNG key and data position come back;
+    another optimizer or other tables are refused."""
+    model, registry = _resume_job.build(hf_models[ARCH].path)
+    adapter = _resume_job.initial_adapter(model)
+    registry.load("poet", adapter)
+    _, _, params = split_model(model)
+    optimizer = _resume_job.OPTIMIZER
+    state = TrainState.create(params, optimizer)
+    raw_key = np.array([7, 11], np.uint32)
+    with JobCheckpoints(model, optimizer, "poet", directory=tmp_path) as jobs:
+        jobs.save(
+            0, state, registry.info("poet"), data_position={"epoch": 1, "row": 5}, rng=raw_key
+        )
+        job = jobs.restore()
+    assert (job.step, job.data_position) == (0, {"epoch": 1, "row": 5})
+    assert np.asarray(job.rng).tolist() == [7, 11]
+    _assert_adapters_equal(job.adapter, adapter)
+    assert int(job.opt.num_tokens) == 0
+    with pytest.raises(ValueError, match=r"slot 3 is outside \[0, 3\)"):
+        job.install(state, 3)
+
+    with JobCheckpoints(model, SlotOptimizer(optax.sgd(0.1)), "x", directory=tmp_path) as jobs:
+        with pytest.raises(CheckpointRestoreError, match="'optimizer': missing arrays"):
+            jobs.restore()
+    for max_rank, message in [
+        (8, r"'optimizer': array .*adapters\.a\.value has shape \(\d+, 4\), expected \(\d+, 8\)"),
+        (2, r"the adapter \(rank 3, .*\) does not fit the tables \(max_rank 2"),
+    ]:
+        other, _ = _resume_job.build(hf_models[ARCH].path, max_rank)
+        with JobCheckpoints(other, optimizer, "x", directory=tmp_path) as jobs:
+            with pytest.raises(CheckpointRestoreError, match=message):
+                jobs.restore()
+    with pytest.raises(ValueError, match="data_position must be a JSON value"):
+        with JobCheckpoints(model, optimizer, "x", directory=tmp_path / "bad") as jobs:
+            jobs.save(1, state, registry.info("poet"), data_position=object())
+
+
+def test_resumed_job_is_bit_identical_to_one_never_stopped(hf_models, tmp_path):
+    """K steps, a job checkpoint (mid-accumulation), M more: against restoring that
+    checkpoint in a fresh process, into another slot, and training the same M steps.
+    Every params and optimizer array of the slot must match bit for bit. The two
+    processes share a compilation cache, which saves the second one the compile."""
+    k, m = 3, 3
+    env = {
+        **os.environ,
+        "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "jax-cache"),
+        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+        "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
+    }
+    model_dir, job_dir = str(hf_models[ARCH].path), str(tmp_path / "job")
+    script = str(TESTS / "_resume_job.py")
+    for args in [
+        ["straight", model_dir, job_dir, str(k), str(m), str(tmp_path / "straight.npz")],
+        ["resume", model_dir, job_dir, str(m), str(tmp_path / "resumed.npz")],
+    ]:
+        proc = _run([script, *args], env=env, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+
+    straight, resumed = np.load(tmp_path / "straight.npz"), np.load(tmp_path / "resumed.npz")
+    assert straight["slot"] != resumed["slot"]
+    assert straight.files == resumed.files
+    for path in straight.files:
+        if path != "slot":
+            assert straight[path].tobytes() == resumed[path].tobytes(), path
+
+    # What the checkpoint held: the job's step, data position, key, hyperparameters and
+    # the gradient of step K - 1, accumulated but not applied yet.
+    model, _ = _resume_job.build(hf_models[ARCH].path)
+    with JobCheckpoints(model, _resume_job.OPTIMIZER, "poet", directory=job_dir) as jobs:
+        job = jobs.restore()
+    assert job.step == k and job.data_position > 0
+    assert str(job.rng.dtype) == "key<fry>"
+    assert np.float32(job.opt.inner.hyperparams["learning_rate"]) == np.float32(
+        _resume_job.LEARNING_RATE
+    )
+    assert int(job.opt.num_tokens) > 0 and int(job.opt.inner.count) == 1
+    trained = straight["opt.inner.count"]
+    assert trained == (k + m) // 2
