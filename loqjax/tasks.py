@@ -2,9 +2,10 @@
 
 Every record is ``{"prompt": "<task>: <input> =>", "completion": " <answer>"}``; a model
 solves a prompt when its greedy continuation, up to the newline, equals the completion.
-``FINE_TUNE_TASKS`` are what the demo's adapters learn; ``PRETRAIN_TASKS`` share their
-format and alphabet but not their mappings, so the pretrained base knows the format and
-every character yet answers the fine-tuning tasks wrongly.
+``FINE_TUNE_TASKS`` are what adapters learn (the demo's: upper, swapcase); ``PRETRAIN_TASKS``
+share their format and alphabet but not their mappings, so the pretrained base knows the
+format and every character yet answers the fine-tuning tasks wrongly (swapcase flips every
+letter's case, so the base's copy is never right).
 
     python -m loqjax.tasks [--out DIR]   # rewrites the bundled loqjax/data/*.jsonl
 """
@@ -37,6 +38,11 @@ def _reverse(rng: np.random.Generator) -> tuple[str, str]:
     return word, word[::-1]
 
 
+def _swapcase(rng: np.random.Generator) -> tuple[str, str]:
+    word = _word(rng, string.ascii_letters)
+    return word, word.swapcase()
+
+
 def _add(rng: np.random.Generator) -> tuple[str, str]:
     a, b = (int(x) for x in rng.integers(0, 50, size=2))
     return f"{a}+{b}", str(a + b)
@@ -58,7 +64,13 @@ def _count(rng: np.random.Generator) -> tuple[str, str]:
 
 
 Task = Callable[[np.random.Generator], tuple[str, str]]
-FINE_TUNE_TASKS: dict[str, Task] = {"upper": _upper, "reverse": _reverse, "add": _add}
+# Dict order fixes each dataset's seed (its index); append new tasks to keep the others.
+FINE_TUNE_TASKS: dict[str, Task] = {
+    "upper": _upper,
+    "reverse": _reverse,
+    "add": _add,
+    "swapcase": _swapcase,
+}
 PRETRAIN_TASKS: dict[str, Task] = {"copy": _copy, "lower": _lower, "count": _count}
 
 
