@@ -3,7 +3,7 @@
     python -m loqjax.demo [--model DIR] [--quick | --steps N] [--out DIR]
 
 On the embedded default (a tiny pretrained Llama in ``checkpoints/default``) it fine-tunes
-adapters "upper" and "reverse" on the bundled task datasets while a seeded stream of
+adapters "upper" and "swapcase" on the bundled task datasets while a seeded stream of
 requests hits the base model and the two adapters mid-training; it then reports each
 job's falling loss, its exact-match accuracy on held-out prompts before and after, and the
 serving/training metrics (also written to ``--out`` as a JSONL log, a JSON summary and,
@@ -32,7 +32,9 @@ from loqjax.tasks import DATA_DIR, PRETRAIN_TASKS, make_record
 from loqjax.tokenization import load_tokenizer
 
 DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "checkpoints" / "default"
-TASKS = ("upper", "reverse")
+# "reverse" (also bundled) is beyond this 2-layer base within the demo's budget: 500
+# updates take its exact match only to about 10%; swapcase reaches 100% in about 100.
+TASKS = ("upper", "swapcase")
 STEPS, QUICK_STEPS = 500, 6
 MAX_NEW_TOKENS = 10
 
