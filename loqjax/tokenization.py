@@ -29,8 +29,9 @@ def encode_prompt(prompt: Prompt, tokenizer: PreTrainedTokenizerBase | None) -> 
     pass through unchanged (the caller checks them against the vocabulary).
 
     Raises:
-      InvalidPromptError: empty or of no known form, text or messages without a
-        tokenizer, messages without a chat template or that it cannot render.
+      InvalidPromptError: empty or of no known form, text with lone surrogates, text or
+        messages without a tokenizer, messages without a chat template or that it cannot
+        render.
     """
     if isinstance(prompt, np.ndarray):
         if prompt.ndim != 1:
@@ -43,6 +44,10 @@ def encode_prompt(prompt: Prompt, tokenizer: PreTrainedTokenizerBase | None) -> 
     if len(prompt) == 0:
         raise InvalidPromptError("the prompt is empty")
     if isinstance(prompt, str):
+        try:
+            prompt.encode()
+        except UnicodeEncodeError as e:
+            raise InvalidPromptError(f"the prompt is not valid Unicode: {e}") from e
         return list(_require(tokenizer, "a text prompt")(prompt)["input_ids"])
     if all(isinstance(m, Mapping) for m in prompt):
         tokenizer = _require(tokenizer, "a chat prompt")
