@@ -3,6 +3,7 @@
 from loqjax.adapter import (
     AdapterError,
     DuplicateAdapterError,
+    InvalidAdapterError,
     LoraAdapter,
     PeftFormatError,
     RankError,
@@ -68,6 +69,7 @@ __all__ = [
     "EngineConfig",
     "EngineStats",
     "FineTuneJob",
+    "InvalidAdapterError",
     "InvalidPromptError",
     "InvalidSamplingParamsError",
     "JobRun",

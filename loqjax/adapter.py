@@ -39,6 +39,11 @@ class ShapeMismatchError(AdapterError):
     """The adapter's weights do not fit the base model (layers or projection sizes)."""
 
 
+class InvalidAdapterError(AdapterError):
+    """Not a ``LoraAdapter``, or its alpha or weights are unusable: weights must be finite
+    floating-point arrays, alpha a finite number."""
+
+
 class PeftFormatError(AdapterError):
     """A PEFT adapter directory is malformed or uses an unsupported option."""
 

@@ -9,12 +9,13 @@ in torch layout: ``lora_A`` [r, d_in], ``lora_B`` [d_out, r], the transposes of
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from pathlib import Path
 
 import numpy as np
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from loqjax.adapter import LoraAdapter, PeftFormatError, TargetModuleError
@@ -65,9 +66,9 @@ def load_peft_adapter(path: str | os.PathLike) -> LoraAdapter:
     checked when it is loaded into an ``AdapterRegistry``.
 
     Raises:
-      PeftFormatError: missing file, malformed config, unsupported option (``bias`` other
-        than "none", non-empty ``rank_pattern``/``alpha_pattern``, DoRA, ...), missing,
-        unexpected or wrongly shaped tensor; the message names it.
+      PeftFormatError: missing or unreadable file, malformed config, unsupported option
+        (``bias`` other than "none", non-empty ``rank_pattern``/``alpha_pattern``, DoRA,
+        ...), missing, unexpected or wrongly shaped tensor; the message names it.
       TargetModuleError: ``target_modules`` names something other than a decoder
         projection (``TARGET_MODULES``).
     """
@@ -82,15 +83,20 @@ def load_peft_adapter(path: str | os.PathLike) -> LoraAdapter:
         )
         raise PeftFormatError(f"{path}: no {WEIGHTS_FILE}{extra}")
 
-    with safe_open(weights_path, framework="numpy") as f:
-        names = set(f.keys())
-        keys = [
-            (layer, name) for layer in _layers(names, targets, weights_path) for name in targets
-        ]
-        missing = [tensor_name(k, m) for k in keys for m in "AB" if tensor_name(k, m) not in names]
-        if missing:
-            raise PeftFormatError(f"{weights_path}: missing tensor(s) {', '.join(missing)}")
-        weights = {key: _read_pair(f, weights_path, key, rank) for key in keys}
+    try:
+        with safe_open(weights_path, framework="numpy") as f:
+            names = set(f.keys())
+            keys = [
+                (layer, name) for layer in _layers(names, targets, weights_path) for name in targets
+            ]
+            missing = [
+                tensor_name(k, m) for k in keys for m in "AB" if tensor_name(k, m) not in names
+            ]
+            if missing:
+                raise PeftFormatError(f"{weights_path}: missing tensor(s) {', '.join(missing)}")
+            weights = {key: _read_pair(f, weights_path, key, rank) for key in keys}
+    except SafetensorError as e:
+        raise PeftFormatError(f"{weights_path}: not a readable safetensors file ({e})") from e
     return LoraAdapter(rank, alpha, weights, use_rslora)
 
 
@@ -139,8 +145,8 @@ def _read_config(path: Path) -> tuple[int, float, bool, tuple[str, ...]]:
     if not config_path.is_file():
         raise PeftFormatError(f"{path}: no {CONFIG_FILE}")
     try:
-        config = json.loads(config_path.read_text())
-    except json.JSONDecodeError as e:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise PeftFormatError(f"{config_path}: malformed JSON ({e})") from e
     if not isinstance(config, dict):
         raise PeftFormatError(f"{config_path}: not a JSON object")
@@ -161,9 +167,9 @@ def _read_config(path: Path) -> tuple[int, float, bool, tuple[str, ...]]:
     rank, alpha, targets = config["r"], config["lora_alpha"], config["target_modules"]
     if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
         raise fail(f"r={rank!r} is not a positive integer")
-    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool):
-        raise fail(f"lora_alpha={alpha!r} is not a number")
-    if not isinstance(targets, list) or not targets:
+    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not math.isfinite(alpha):
+        raise fail(f"lora_alpha={alpha!r} is not a finite number")
+    if not (isinstance(targets, list) and targets and all(isinstance(t, str) for t in targets)):
         raise fail(f"target_modules={targets!r} must be a non-empty list of projection names")
     unknown = [t for t in targets if t not in TARGET_MODULES]
     if unknown:

@@ -15,10 +15,12 @@ import types
 from collections.abc import Mapping, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from loqjax.adapter import (
     DuplicateAdapterError,
+    InvalidAdapterError,
     LoraAdapter,
     RankError,
     ShapeMismatchError,
@@ -153,13 +155,23 @@ class AdapterRegistry:
         """Checks that ``adapter`` fits these tables and the base model.
 
         Raises:
-          RankError: rank outside [1, max_rank].
+          InvalidAdapterError: not a ``LoraAdapter``, alpha not a finite number, or A/B
+            not finite floating-point arrays.
+          RankError: rank not an integer in [1, max_rank].
           TargetModuleError: no targets, or a target the tables do not hold.
           ShapeMismatchError: missing or extra layers, or A/B shapes that do not match
             the base projections.
         """
-        if not 1 <= adapter.rank <= self.max_rank:
-            raise RankError(f"adapter rank {adapter.rank} is outside [1, {self.max_rank}]")
+        if not isinstance(adapter, LoraAdapter):
+            raise InvalidAdapterError(f"expected a LoraAdapter, got {type(adapter).__name__}")
+        rank = adapter.rank
+        if not isinstance(rank, int | np.integer) or isinstance(rank, bool):
+            raise RankError(f"adapter rank {rank!r} is not an integer")
+        if not 1 <= rank <= self.max_rank:
+            raise RankError(f"adapter rank {rank} is outside [1, {self.max_rank}]")
+        alpha = adapter.alpha
+        if not isinstance(alpha, int | float | np.number) or not np.isfinite(alpha):
+            raise InvalidAdapterError(f"adapter alpha {alpha!r} is not a finite number")
         targets = adapter.target_modules
         foreign = [name for name in targets if name not in self.target_modules]
         if foreign or not targets:
@@ -176,13 +188,25 @@ class AdapterRegistry:
             for layer in layers:
                 table = self._tables[layer, name]
                 a, b = adapter.weights[layer, name]
+                where = f"layers.{layer}.{TARGET_MODULES[name]}.{name}"
+                for matrix, w in (("A", a), ("B", b)):
+                    if not isinstance(w, np.ndarray | jax.Array):
+                        raise InvalidAdapterError(
+                            f"{where}: {matrix} is a {type(w).__name__}, not an array"
+                        )
+                    if not jnp.issubdtype(w.dtype, jnp.floating):
+                        raise InvalidAdapterError(
+                            f"{where}: {matrix} has dtype {w.dtype}; a float dtype is needed"
+                        )
                 want_a = (table.a.shape[1], adapter.rank)
                 want_b = (adapter.rank, table.b.shape[2])
                 if (a.shape, b.shape) != (want_a, want_b):
                     raise ShapeMismatchError(
-                        f"layers.{layer}.{TARGET_MODULES[name]}.{name}: A {a.shape} and "
-                        f"B {b.shape}; the base model needs A {want_a} and B {want_b}"
+                        f"{where}: A {a.shape} and B {b.shape}; "
+                        f"the base model needs A {want_a} and B {want_b}"
                     )
+                if not (np.isfinite(np.asarray(a)).all() and np.isfinite(np.asarray(b)).all()):
+                    raise InvalidAdapterError(f"{where}: A or B holds NaN or infinity")
 
     def _set(self, name: str, slot: int, adapter: LoraAdapter) -> None:
         self._write(slot, adapter)
