@@ -15,7 +15,7 @@ from loqjax.adapter import (
 from loqjax.config import Llama3RopeScaling, ModelConfig
 from loqjax.engine import Engine, EngineStats, RequestHandle
 from loqjax.hf_checkpoint import CheckpointError, load_model
-from loqjax.jobs import DatasetError, FineTuneJob, LoraConfig
+from loqjax.jobs import DatasetError, DuplicateJobError, FineTuneJob, LoraConfig
 from loqjax.kv_cache import KVCache, LayerKV, PageBatch, PagePool, init_kv_cache
 from loqjax.lora import (
     BASE_PARAMS,
@@ -65,6 +65,7 @@ __all__ = [
     "CheckpointError",
     "DatasetError",
     "DuplicateAdapterError",
+    "DuplicateJobError",
     "Engine",
     "EngineConfig",
     "EngineStats",

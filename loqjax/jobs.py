@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from loqjax.adapter import LoraAdapter
+from loqjax.adapter import DuplicateAdapterError, LoraAdapter
 from loqjax.lora import TARGET_MODULES
 from loqjax.model import CausalLM
 from loqjax.unified import TrainSequence
@@ -25,6 +25,10 @@ from loqjax.unified import TrainSequence
 
 class DatasetError(ValueError):
     """A dataset file or record is malformed."""
+
+
+class DuplicateJobError(DuplicateAdapterError):
+    """A fine-tuning job for that adapter is already running."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,14 +41,15 @@ def load_records(source: str | os.PathLike | Sequence[dict]) -> list[Record]:
     """Records from a JSONL path or a list of dicts.
 
     Raises:
-      DatasetError: unreadable JSON, a record that is not an object, a missing or
-        non-string ``prompt``/``completion`` (naming the file and line), or no records.
+      DatasetError: an unreadable or non-UTF-8 file, a source of another type, invalid
+        JSON, a record that is not an object, a missing or non-string
+        ``prompt``/``completion`` (naming the file and line), or no records.
     """
     if isinstance(source, str | os.PathLike):
         where = str(source)
         try:
-            lines = Path(source).read_text().splitlines()
-        except OSError as error:
+            lines = Path(source).read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as error:
             raise DatasetError(f"cannot read dataset {where}: {error}") from error
         rows = []
         for number, line in enumerate(lines, 1):
@@ -53,23 +58,38 @@ def load_records(source: str | os.PathLike | Sequence[dict]) -> list[Record]:
                     rows.append((f"{where}:{number}", json.loads(line)))
                 except json.JSONDecodeError as error:
                     raise DatasetError(f"{where}:{number}: invalid JSON: {error}") from error
-    else:
+    elif isinstance(source, Sequence):
         where = "dataset"
         rows = [(f"record {i}", row) for i, row in enumerate(source)]
+    else:
+        raise DatasetError(
+            f"a dataset is a JSONL path or a list of records, got {type(source).__name__}"
+        )
     records = []
     for place, row in rows:
         if not isinstance(row, dict):
             raise DatasetError(f"{place}: expected a JSON object, got {type(row).__name__}")
-        missing = [k for k in ("prompt", "completion") if not isinstance(row.get(k), str)]
+        missing = [k for k in ("prompt", "completion") if not _is_text(row.get(k))]
         if missing:
             raise DatasetError(
                 f"{place}: missing or non-string field(s) {missing}; every record needs "
-                '"prompt" and "completion" strings'
+                '"prompt" and "completion" strings (valid Unicode)'
             )
         records.append(Record(row["prompt"], row["completion"]))
     if not records:
         raise DatasetError(f"{where} has no records")
     return records
+
+
+def _is_text(value) -> bool:
+    """A str a tokenizer can encode: no lone surrogates."""
+    if not isinstance(value, str):
+        return False
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 @dataclasses.dataclass(frozen=True)

@@ -31,13 +31,14 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from loqjax.adapter import LoraAdapter
-from loqjax.jobs import Example, FineTuneJob, epochs_of
+from loqjax.jobs import DuplicateJobError, Example, FineTuneJob, epochs_of
 from loqjax.metrics import BASE, Metrics, RequestRecord
 from loqjax.model import CausalLM
 from loqjax.optim import SlotOptimizer
 from loqjax.registry import AdapterRegistry
-from loqjax.request import PromptTooLongError
+from loqjax.request import InvalidPromptError, InvalidSamplingParamsError, PromptTooLongError
 from loqjax.slo_scheduler import ServeDemand, SloTargets, StepCost, TokenPolicy
+from loqjax.tokenization import encode_prompt
 from loqjax.unified import (
     ServeSequence,
     TrainState,
@@ -236,9 +237,16 @@ class Runtime:
         eval loss at update 0.
 
         Raises:
+          DuplicateJobError: a job for ``job.name`` is still running.
           DatasetError: bad records; ValueError: an example longer than ``train_rows``;
           and the registry's ``AdapterError``s (name taken, table full, bad config).
         """
+        running = self.jobs.get(job.name)
+        if running is not None and not running.done:
+            raise DuplicateJobError(
+                f"adapter {job.name!r} is already being trained ({running.updates} of "
+                f"{running.total_updates} updates done); wait for that job to finish"
+            )
         train, held_out = job.examples(self.tokenizer)
         longest = max(len(e.tokens) for e in train + held_out)
         if longest > self.config.train_rows:
@@ -284,12 +292,24 @@ class Runtime:
 
         Raises:
           UnknownAdapterError: ``adapter`` is not loaded.
+          InvalidPromptError: empty prompt, or ids outside the vocabulary.
           PromptTooLongError: prompt plus output cannot fit the serving rows.
+          InvalidSamplingParamsError: ``max_new_tokens`` is not an integer >= 1.
         """
         if adapter is not None:
             self.registry.info(adapter)
-        ids = self.tokenizer(prompt)["input_ids"] if isinstance(prompt, str) else list(prompt)
-        if not ids or len(ids) + max_new_tokens - 1 > self.config.serve_rows:
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise InvalidSamplingParamsError(
+                f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}"
+            )
+        ids = encode_prompt(prompt, self.tokenizer)
+        vocab = self.model.config.vocab_size
+        outside = [i for i in ids if not 0 <= i < vocab]
+        if outside:
+            raise InvalidPromptError(
+                f"token ids {outside[:8]} are outside the vocabulary [0, {vocab})"
+            )
+        if len(ids) + max_new_tokens - 1 > self.config.serve_rows:
             raise PromptTooLongError(
                 f"{len(ids)} prompt + {max_new_tokens} new tokens do not fit "
                 f"{self.config.serve_rows} serving rows (each step recomputes the prefix)"
