@@ -161,23 +161,42 @@ class SamplingBatch:
 
 
 def sample(logits: jax.Array, batch: SamplingBatch) -> jax.Array:
-    """Next token of every row: float32 logits [S, V] -> int32 [S]."""
+    """Next token of every row: float32 logits [S, V] -> int32 [S].
+
+    Each stage over the whole [S, V] logits (the repetition penalty's scatter, top-k/top-p's
+    sort over the vocabulary, the random draw) runs only if some row asks for it: an
+    all-greedy batch costs one argmax.
+    """
     logits = warp_logits(logits, batch)
-    keys = jax.vmap(lambda seed, step: jax.random.fold_in(jax.random.key(seed), step))(
-        batch.seeds, batch.steps
-    )
-    sampled = jax.vmap(jax.random.categorical)(keys, logits)
     # Warping keeps the most likely token on top, so greedy rows take the argmax here.
-    greedy = jnp.argmax(logits, axis=-1)
-    return jnp.where(batch.temperature > 0, sampled, greedy).astype(jnp.int32)
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+    def draw(logits):
+        keys = jax.vmap(lambda seed, step: jax.random.fold_in(jax.random.key(seed), step))(
+            batch.seeds, batch.steps
+        )
+        sampled = jax.vmap(jax.random.categorical)(keys, logits).astype(jnp.int32)
+        return jnp.where(batch.temperature > 0, sampled, greedy)
+
+    return jax.lax.cond(jnp.any(batch.temperature > 0), draw, lambda _: greedy, logits)
 
 
 def warp_logits(logits: jax.Array, batch: SamplingBatch) -> jax.Array:
     """The logits each row samples from, float32 [S, V]: repetition penalty, temperature
     (1 for greedy rows), then top-k and top-p, with -inf outside the kept tokens."""
-    logits = _penalize_repeats(logits, batch.seen, batch.repetition_penalty)
+    logits = jax.lax.cond(
+        jnp.any(batch.repetition_penalty != 1.0),
+        lambda x: _penalize_repeats(x, batch.seen, batch.repetition_penalty),
+        lambda x: x,
+        logits,
+    )
     temperature = jnp.where(batch.temperature > 0, batch.temperature, 1.0)
-    return _top_k_top_p(logits / temperature[:, None], batch.top_k, batch.top_p)
+    return jax.lax.cond(
+        jnp.any((batch.top_k > 0) | (batch.top_p < 1.0)),
+        lambda x: _top_k_top_p(x, batch.top_k, batch.top_p),
+        lambda x: x,
+        logits / temperature[:, None],
+    )
 
 
 def _penalize_repeats(logits: jax.Array, seen: jax.Array, penalty: jax.Array) -> jax.Array:
