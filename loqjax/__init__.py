@@ -40,10 +40,10 @@ from loqjax.request import (
     RequestOutput,
     StreamEvent,
 )
-from loqjax.runtime import JobRun, Runtime, RuntimeConfig, ServeRequest
+from loqjax.runtime import JobRun, Runtime, RuntimeConfig
 from loqjax.sampling import SamplingParams
 from loqjax.scheduler import EngineConfig
-from loqjax.slo_scheduler import Allocation, ServeDemand, SloTargets, StepCost, TokenPolicy
+from loqjax.slo_scheduler import SloTargets, StepPolicy
 from loqjax.unified import (
     ServeSequence,
     StepOutput,
@@ -60,7 +60,6 @@ __all__ = [
     "AdapterError",
     "AdapterInfo",
     "AdapterRegistry",
-    "Allocation",
     "CausalLM",
     "CheckpointError",
     "DatasetError",
@@ -96,20 +95,17 @@ __all__ = [
     "Runtime",
     "RuntimeConfig",
     "SamplingParams",
-    "ServeDemand",
-    "ServeRequest",
     "ServeSequence",
     "ShapeMismatchError",
     "SloTargets",
     "SlotOptState",
     "SlotOptimizer",
     "SlotUpdate",
-    "StepCost",
     "StepOutput",
+    "StepPolicy",
     "StreamEvent",
     "TableFullError",
     "TargetModuleError",
-    "TokenPolicy",
     "TrainSequence",
     "TrainState",
     "UnifiedBatch",

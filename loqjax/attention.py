@@ -1,15 +1,81 @@
-"""Reference (plain jnp, materialised mask) attention over packed token batches, without
-and with a paged KV cache."""
+"""Attention over packed token batches, without and with a paged KV cache.
+
+``packed_attention`` and ``cached_attention`` are what the model calls; each runs either
+the Pallas GPU kernel or the plain-jnp reference here (materialised mask), which is the
+specification the kernels are tested against:
+
+* ``"pallas"``: ``pallas_kernels.packed_attention`` / ``pallas_kernels.paged_attention``
+  (compiled by Triton on a GPU, interpreted elsewhere: exact but slow);
+* ``"reference"``: ``reference_attention`` / ``paged_attention`` below;
+* ``"auto"``: the kernels on a GPU, the references elsewhere (CPU tests).
+"""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import jax
 import jax.numpy as jnp
 
 if TYPE_CHECKING:
     from loqjax.kv_cache import LayerKV
+
+AttentionImpl = Literal["auto", "pallas", "reference"]
+
+
+def use_kernels(impl: AttentionImpl) -> bool:
+    """Whether ``impl`` means the Pallas kernels on this backend."""
+    if impl not in ("auto", "pallas", "reference"):
+        raise ValueError(f"attention impl must be 'auto', 'pallas' or 'reference', got {impl!r}")
+    return impl == "pallas" or (impl == "auto" and jax.default_backend() == "gpu")
+
+
+def packed_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    positions: jax.Array,
+    segment_ids: jax.Array,
+    *,
+    sliding_window: int | None = None,
+    impl: AttentionImpl = "auto",
+) -> jax.Array:
+    """Causal attention of a packed batch within its segments: ``reference_attention``
+    with queries and keys the same rows. q [T, Hq, D], k/v [T, Hkv, D] -> [T, Hq, D].
+
+    The kernel needs each segment's rows contiguous with positions rising by one (as the
+    packers lay them out) and is differentiable.
+    """
+    if use_kernels(impl):
+        import pallas_kernels
+
+        return pallas_kernels.packed_attention(
+            q, k, v, positions, segment_ids, sliding_window=sliding_window
+        )
+    return reference_attention(
+        q, k, v, positions, positions, segment_ids, segment_ids, sliding_window
+    )
+
+
+def cached_attention(
+    q: jax.Array,
+    kv: LayerKV,
+    page_tables: jax.Array,
+    q_pos: jax.Array,
+    q_seg: jax.Array,
+    *,
+    sliding_window: int | None = None,
+    impl: AttentionImpl = "auto",
+) -> jax.Array:
+    """``paged_attention`` (same arguments), on the kernel or the reference; not
+    differentiable (serving only)."""
+    if use_kernels(impl):
+        import pallas_kernels
+
+        return pallas_kernels.paged_attention(
+            q, kv.k, kv.v, page_tables, q_pos, q_seg, sliding_window=sliding_window
+        )
+    return paged_attention(q, kv, page_tables, q_pos, q_seg, sliding_window)
 
 
 def attention_mask(

@@ -27,6 +27,7 @@ from loqjax.lora import add_lora_tables
 from loqjax.metrics import BASE, Metrics
 from loqjax.registry import AdapterRegistry
 from loqjax.runtime import Runtime, RuntimeConfig
+from loqjax.sampling import SamplingParams
 from loqjax.slo_scheduler import SloTargets
 from loqjax.tasks import DATA_DIR, PRETRAIN_TASKS, make_record
 from loqjax.tokenization import load_tokenizer
@@ -39,22 +40,28 @@ STEPS, QUICK_STEPS = 500, 6
 MAX_NEW_TOKENS = 10
 
 
+def answer(stop: int) -> SamplingParams:
+    """Greedy, up to the newline that ends an answer."""
+    return SamplingParams(temperature=0.0, max_tokens=MAX_NEW_TOKENS, stop_token_ids=(stop,))
+
+
 def exact_match(runtime: Runtime, examples: list[Example], adapter: str | None, stop: int):
     """(accuracy, [(prompt, output, expected)]) of greedy answers to ``examples``' prompts
     served by ``adapter``; an answer ends at the newline. Run while no job trains; these
     requests stay out of the runtime's metrics, which cover the mixed phase."""
-    metrics, runtime.metrics = runtime.metrics, Metrics(runtime.config.slo)
-    requests = [
-        runtime.submit(
-            list(e.tokens[: e.prompt_len]), adapter, max_new_tokens=MAX_NEW_TOKENS, stop_ids=[stop]
-        )
-        for e in examples
+    metrics, runtime.metrics = runtime.metrics, Metrics(runtime.slo)
+    handles = [
+        runtime.submit(list(e.tokens[: e.prompt_len]), adapter, answer(stop)) for e in examples
     ]
     runtime.run_until_idle()
     runtime.metrics = metrics
+
+    def text(handle) -> str:
+        return runtime.tokenizer.decode(handle.result().token_ids, skip_special_tokens=True)
+
     rows = [
-        (e.record.prompt, runtime.decode(r), e.record.completion)
-        for e, r in zip(examples, requests, strict=True)
+        (e.record.prompt, text(h), e.record.completion)
+        for e, h in zip(examples, handles, strict=True)
     ]
     return float(np.mean([out == want for _, out, want in rows])), rows
 
@@ -78,7 +85,7 @@ class Traffic:
             else:
                 held_out = runtime.jobs[adapter].eval_examples
                 prompt = held_out[int(self.rng.integers(len(held_out)))].record.prompt
-            runtime.submit(prompt, adapter, max_new_tokens=MAX_NEW_TOKENS, stop_ids=[self.stop])
+            runtime.submit(prompt, adapter, answer(self.stop))
 
 
 def run_demo(

@@ -11,6 +11,10 @@ Synchronous and single-threaded: ``step()`` schedules and runs one jitted step f
 admitted request (see ``scheduler``), and iterating a handle or asking for its result
 steps the engine until there is something to return. Requests are checked at submit; a
 rejected one raises and leaves the engine as it was.
+
+Each step runs at the smallest of ``EngineConfig.token_buckets`` that holds its scheduled
+tokens (one compiled step per bucket), so decode steps need not pay for a full prefill
+batch. ``loqjax.runtime.Runtime`` is an engine whose steps also fine-tune adapters.
 """
 
 from __future__ import annotations
@@ -19,7 +23,8 @@ import collections
 import dataclasses
 import itertools
 import os
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 
 import jax.numpy as jnp
 import numpy as np
@@ -30,6 +35,7 @@ from loqjax.adapter import UnknownAdapterError
 from loqjax.hf_checkpoint import load_model
 from loqjax.kv_cache import init_kv_cache
 from loqjax.lora import TARGET_MODULES, add_lora_tables
+from loqjax.metrics import BASE
 from loqjax.model import CausalLM
 from loqjax.registry import AdapterRegistry
 from loqjax.request import (
@@ -41,7 +47,7 @@ from loqjax.request import (
     StreamEvent,
 )
 from loqjax.sampling import SamplingParams
-from loqjax.scheduler import EngineConfig, Scheduler, SequenceState
+from loqjax.scheduler import Chunk, EngineConfig, Scheduler, SequenceState
 from loqjax.serve_step import ServeBatch, serve_step
 from loqjax.tokenization import Prompt, TextStream, encode_prompt, load_tokenizer
 
@@ -62,7 +68,8 @@ class EngineStats:
 
 
 class _Request:
-    """An accepted request's output side: generated ids, text and pending stream events."""
+    """An accepted request's output side: generated ids, text, pending stream events and
+    when each token came back (on the engine's clock)."""
 
     def __init__(
         self,
@@ -70,19 +77,23 @@ class _Request:
         stop_ids: frozenset[int],
         text: TextStream | None,
         max_seq_len: int,
+        arrival: float,
     ):
         self.seq = seq
         self.stop_ids = stop_ids
         self.text = text
         self.max_seq_len = max_seq_len
+        self.arrival = arrival
+        self.token_times: list[float] = []
         self.events: collections.deque[StreamEvent] = collections.deque()
         self.finish_reason: FinishReason | None = None
 
-    def add_token(self, token_id: int) -> FinishReason | None:
+    def add_token(self, token_id: int, now: float) -> FinishReason | None:
         """Appends a sampled token and its stream event; returns why the request is done,
         or None if it goes on."""
         seq = self.seq
         seq.token_ids.append(token_id)
+        self.token_times.append(now)
         reason, text = None, ""
         if token_id in self.stop_ids:
             reason = "stop"
@@ -106,6 +117,8 @@ class _Request:
             token_ids=tuple(seq.token_ids[seq.prompt_len :]),
             text=None if self.text is None else self.text.text,
             finish_reason=self.finish_reason,
+            arrival_time=self.arrival,
+            token_times=tuple(self.token_times),
         )
 
 
@@ -150,6 +163,18 @@ class RequestHandle:
         self._engine._finish(self._request, "cancelled")
 
 
+@dataclasses.dataclass(frozen=True)
+class ScheduledStep:
+    """What one step computes for serving: the chunks and each chunk's adapter slot."""
+
+    chunks: tuple[Chunk, ...]
+    adapter_slots: tuple[int, ...]
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(chunk.length for chunk in self.chunks)
+
+
 class Engine:
     """Serves one base model and the adapters of its registry to many requests at once.
 
@@ -168,6 +193,7 @@ class Engine:
         eos_token_ids: Sequence[int] | None = None,
         cache_dtype: jnp.dtype | None = None,
         seed: int = 0,
+        clock: Callable[[], float] = time.perf_counter,
     ):
         """
         Args:
@@ -180,6 +206,7 @@ class Engine:
             the tokenizer's end-of-sequence id, if any.
           cache_dtype: KV cache dtype; default the model's parameter dtype.
           seed: draws the seeds of requests that bring none.
+          clock: seconds, for request arrival and token times; injectable for tests.
         """
         model_config = model.config
         config = config or EngineConfig()
@@ -198,7 +225,8 @@ class Engine:
         self.registry = registry
         self.tokenizer = tokenizer
         self.eos_token_ids = tuple(eos_token_ids)
-        self._graphdef, self._state = nnx.split(model)
+        self.clock = clock
+        self._bind_model(model)
         dtype = cache_dtype or model.embed_tokens.embedding.dtype
         self._cache = init_kv_cache(model_config, config.num_pages, config.page_size, dtype)
         self._scheduler = Scheduler(config)
@@ -309,39 +337,81 @@ class Engine:
         if not params.ignore_eos:
             stop_ids.update(self.eos_token_ids)
         text = None if self.tokenizer is None else TextStream(self.tokenizer, params.stop)
-        request = _Request(seq, frozenset(stop_ids), text, self.config.max_seq_len)
+        request = _Request(seq, frozenset(stop_ids), text, self.config.max_seq_len, self.clock())
         self._requests[seq.request_id] = request
         self._scheduler.add(seq)
         return RequestHandle(self, request)
 
     def step(self) -> bool:
         """Runs one step for every scheduled request; False if there was nothing to do."""
+        scheduled = self._schedule()
+        if scheduled is None:
+            return self._scheduler.has_work
+        self._commit(scheduled, self._serve(scheduled))
+        return True
+
+    # --- the parts of a step, shared with the runtime -----------------------------------
+
+    def _bind_model(self, model: CausalLM) -> None:
+        self._graphdef, self._state = nnx.split(model)
+
+    def _serving_model(self) -> tuple[nnx.GraphDef, tuple[nnx.State, ...]]:
+        """The graphdef and states that ``nnx.merge`` into the model to serve."""
+        return self._graphdef, (self._state,)
+
+    def _schedule(self, budget: int | None = None) -> ScheduledStep | None:
+        """The next step's chunks within ``budget`` tokens (default the token capacity),
+        or None if there are none; requests whose adapter was unloaded are aborted."""
         chunks, slots = [], []
-        for chunk in self._scheduler.schedule():
+        for chunk in self._scheduler.schedule(budget):
             slot = self._adapter_slot(chunk.seq.adapter)
             if slot is None:  # unloaded since submit: the request cannot go on
                 self._finish(self._requests[chunk.seq.request_id], "aborted")
             else:
                 chunks.append(chunk)
                 slots.append(slot)
-        if not chunks:
-            return self._scheduler.has_work
+        return ScheduledStep(tuple(chunks), tuple(slots)) if chunks else None
 
-        batch = ServeBatch.pack(chunks, slots, self.config, self.model_config.vocab_size)
-        next_tokens, self._cache = serve_step(self._graphdef, self._state, self._cache, batch)
-        next_tokens = np.asarray(next_tokens)
+    def _bucket(self, num_tokens: int) -> int:
+        """The smallest token bucket that holds ``num_tokens``."""
+        return min(b for b in self.config.token_buckets if b >= num_tokens)
+
+    def _serve(self, scheduled: ScheduledStep, bucket: int | None = None) -> np.ndarray:
+        """Runs a serving-only step at ``bucket`` rows (default the smallest that holds
+        the chunks); int32 [S] next token of every row."""
+        batch = ServeBatch.pack(
+            scheduled.chunks,
+            scheduled.adapter_slots,
+            self.config,
+            self.model_config.vocab_size,
+            num_rows=bucket or self._bucket(scheduled.num_tokens),
+        )
+        graphdef, states = self._serving_model()
+        next_tokens, self._cache = serve_step(graphdef, states, self._cache, batch)
+        return np.asarray(next_tokens)
+
+    def _commit(self, scheduled: ScheduledStep, next_tokens: np.ndarray) -> dict[str, int]:
+        """Records a step's results: computed tokens and each finished prefix's new token.
+
+        Returns:
+          Generated tokens per adapter name (``BASE`` for the base model).
+        """
+        now = self.clock()
         self._stats.steps += 1
-        for row, chunk in enumerate(chunks):
+        generated: dict[str, int] = {}
+        for row, chunk in enumerate(scheduled.chunks):
             seq = chunk.seq
             seq.num_computed = chunk.stop
             self._stats.computed_tokens += chunk.length
             if chunk.stop == len(seq.token_ids):  # its last row's logits pick a new token
                 self._stats.generated_tokens += 1
+                name = BASE if seq.adapter is None else seq.adapter
+                generated[name] = generated.get(name, 0) + 1
                 request = self._requests[seq.request_id]
-                reason = request.add_token(int(next_tokens[row]))
+                reason = request.add_token(int(next_tokens[row]), now)
                 if reason is not None:
                     self._finish(request, reason)
-        return True
+        return generated
 
     def run_until_idle(self) -> None:
         """Steps until every submitted request has finished."""
@@ -361,6 +431,10 @@ class Engine:
         request.finish_reason = reason
         self._scheduler.remove(request.seq)
         del self._requests[request.seq.request_id]
+        self._on_finish(request)
+
+    def _on_finish(self, request: _Request) -> None:
+        """Called once per request as it finishes, however it finishes."""
 
 
 def _checkpoint_eos_ids(path: str | os.PathLike, tokenizer) -> tuple[int, ...]:

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 from safetensors import safe_open
 
+from loqjax.attention import AttentionImpl
 from loqjax.config import ModelConfig
 from loqjax.model import CausalLM
 
@@ -31,7 +32,10 @@ class CheckpointError(ValueError):
 
 
 def load_model(
-    path: str | os.PathLike, dtype: jnp.dtype = jnp.float32
+    path: str | os.PathLike,
+    dtype: jnp.dtype = jnp.float32,
+    *,
+    attention_impl: AttentionImpl = "auto",
 ) -> tuple[ModelConfig, CausalLM]:
     """Builds a ``CausalLM`` from a local HF checkpoint directory.
 
@@ -40,6 +44,7 @@ def load_model(
         ``model.safetensors.index.json`` plus its shards.
       dtype: parameter (and compute) dtype, e.g. ``jnp.float32`` or ``jnp.bfloat16``;
         checkpoint tensors are cast to it whatever their stored dtype.
+      attention_impl: see ``CausalLM``.
 
     Raises:
       CheckpointError: missing config or shard file, missing, unexpected or
@@ -54,7 +59,9 @@ def load_model(
         raise CheckpointError(f"{path}: no config.json")
     config = ModelConfig.from_hf(path)
 
-    abstract = nnx.eval_shape(lambda: CausalLM(config, param_dtype=dtype, rngs=nnx.Rngs(0)))
+    abstract = nnx.eval_shape(
+        lambda: CausalLM(config, param_dtype=dtype, rngs=nnx.Rngs(0), attention_impl=attention_impl)
+    )
     graphdef, state = nnx.split(abstract)
     params = {hf_tensor_name(p): (p, var) for p, var in nnx.to_flat_state(state)}
     expected = {name: _hf_shape(p, var.shape) for name, (p, var) in params.items()}

@@ -1,9 +1,10 @@
 """Fine-tuning jobs: an adapter configuration, a prompt/completion dataset and a schedule.
 
-A dataset is a JSONL file (or a list) of ``{"prompt": str, "completion": str}`` records.
-Training sequences are ``<bos> prompt completion`` with the loss on completion tokens only;
-a deterministic shuffle puts ``eval_fraction`` of the records aside for eval loss and
-exact-match accuracy.
+A dataset is a JSONL file (or a list) of ``{"prompt": str, "completion": str}`` records,
+or of pre-tokenized ``{"token_ids": [int, ...], "prompt_len": int}`` records (the loss on
+the ids from ``prompt_len`` on; ``prompt_len`` defaults to 0). Text records train on
+``<bos> prompt completion`` with the loss on completion tokens only. A deterministic
+shuffle puts ``eval_fraction`` of the records aside for eval loss and exact-match accuracy.
 """
 
 from __future__ import annotations
@@ -37,13 +38,24 @@ class Record:
     completion: str
 
 
-def load_records(source: str | os.PathLike | Sequence[dict]) -> list[Record]:
+@dataclasses.dataclass(frozen=True)
+class TokenRecord:
+    """A pre-tokenized record: the ids of prompt and completion, scored from
+    ``prompt_len`` on."""
+
+    token_ids: tuple[int, ...]
+    prompt_len: int = 0
+
+
+def load_records(source: str | os.PathLike | Sequence[dict]) -> list[Record | TokenRecord]:
     """Records from a JSONL path or a list of dicts.
 
     Raises:
       DatasetError: an unreadable or non-UTF-8 file, a source of another type, invalid
         JSON, a record that is not an object, a missing or non-string
-        ``prompt``/``completion`` (naming the file and line), or no records.
+        ``prompt``/``completion``, ``token_ids`` that are not a non-empty list of ids >= 0,
+        a ``prompt_len`` outside [0, len(token_ids)) (each naming the file and line), or
+        no records.
     """
     if isinstance(source, str | os.PathLike):
         where = str(source)
@@ -69,6 +81,9 @@ def load_records(source: str | os.PathLike | Sequence[dict]) -> list[Record]:
     for place, row in rows:
         if not isinstance(row, dict):
             raise DatasetError(f"{place}: expected a JSON object, got {type(row).__name__}")
+        if "token_ids" in row:
+            records.append(_token_record(place, row))
+            continue
         missing = [k for k in ("prompt", "completion") if not _is_text(row.get(k))]
         if missing:
             raise DatasetError(
@@ -79,6 +94,21 @@ def load_records(source: str | os.PathLike | Sequence[dict]) -> list[Record]:
     if not records:
         raise DatasetError(f"{where} has no records")
     return records
+
+
+def _token_record(place: str, row: dict) -> TokenRecord:
+    ids, prompt_len = row["token_ids"], row.get("prompt_len", 0)
+    if not (isinstance(ids, list) and ids and all(_is_index(i) for i in ids)):
+        raise DatasetError(f"{place}: token_ids must be a non-empty list of integers >= 0")
+    if not (_is_index(prompt_len) and prompt_len < len(ids)):
+        raise DatasetError(
+            f"{place}: prompt_len must be an integer in [0, {len(ids)}), got {prompt_len!r}"
+        )
+    return TokenRecord(tuple(ids), prompt_len)
+
+
+def _is_index(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def _is_text(value) -> bool:
@@ -163,10 +193,10 @@ class FineTuneJob:
 
 @dataclasses.dataclass(frozen=True)
 class Example:
-    """A tokenized record: ``tokens`` int32 [L] = bos + prompt + completion, the loss on
-    the completion; ``prompt_len`` = bos + prompt tokens."""
+    """A tokenized record: ``tokens`` int32 [L] = bos + prompt + completion (or a token
+    record's ids), the loss on the completion; ``prompt_len`` = bos + prompt tokens."""
 
-    record: Record
+    record: Record | TokenRecord
     tokens: np.ndarray
     prompt_len: int
 
@@ -175,11 +205,21 @@ class Example:
         return TrainSequence(slot, self.tokens, mask)
 
 
-def tokenize(records: Sequence[Record], tokenizer) -> list[Example]:
+def tokenize(records: Sequence[Record | TokenRecord], tokenizer) -> list[Example]:
     """Examples of ``records``: the prompt with the tokenizer's special tokens (bos), the
-    completion without."""
+    completion without; token records as they are.
+
+    Raises:
+      DatasetError: text records without a tokenizer.
+    """
     examples = []
     for record in records:
+        if isinstance(record, TokenRecord):
+            tokens = np.asarray(record.token_ids, np.int32)
+            examples.append(Example(record, tokens, record.prompt_len))
+            continue
+        if tokenizer is None:
+            raise DatasetError("text records need a tokenizer; pass token_ids records instead")
         prompt = tokenizer(record.prompt)["input_ids"]
         completion = tokenizer(record.completion, add_special_tokens=False)["input_ids"]
         tokens = np.asarray(prompt + completion, np.int32)

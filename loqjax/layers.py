@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING
 
 import jax
@@ -38,14 +39,41 @@ class Linear(nnx.Module):
         """x [..., d_in] -> [..., d_out], in the parameter dtype.
 
         With a table and ``lora`` metadata, x must be [T, d_in] and each row also gets
-        its adapter slot's term; otherwise this is the base projection alone.
+        its adapter slot's term; otherwise this is the base projection alone. With
+        ``lora.train_rows`` set, only that many leading rows get an input gradient.
         """
-        y = x @ self.kernel[...]
+        if lora is not None and lora.train_rows is not None:
+            y = _leading_rows_matmul(x, self.kernel[...], lora.train_rows)
+        else:
+            y = x @ self.kernel[...]
         if self.bias is not None:
             y = y + self.bias[...]
         if self.adapters is None or lora is None:
             return y
         return self.adapters(x, y, lora)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _leading_rows_matmul(x: jax.Array, kernel: jax.Array, num_rows: int) -> jax.Array:
+    """``x @ kernel`` (x [T, d_in]) whose backward gives x a gradient in its first
+    ``num_rows`` rows only (zero below) and the frozen kernel none: the serving rows of a
+    unified batch cost no backward matmul."""
+    return x @ kernel
+
+
+def _leading_rows_matmul_fwd(x, kernel, num_rows):
+    # A zero-size array carries x's dtype to the backward.
+    return x @ kernel, (kernel, jnp.zeros((0,), x.dtype))
+
+
+def _leading_rows_matmul_bwd(num_rows, residuals, g):
+    kernel, x_like = residuals
+    dx = (g[:num_rows] @ kernel.T).astype(x_like.dtype)
+    rest = jnp.zeros((g.shape[0] - num_rows, kernel.shape[0]), x_like.dtype)
+    return jnp.concatenate([dx, rest]), None
+
+
+_leading_rows_matmul.defvjp(_leading_rows_matmul_fwd, _leading_rows_matmul_bwd)
 
 
 class RMSNorm(nnx.Module):

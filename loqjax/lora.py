@@ -66,11 +66,15 @@ class LoraBatch:
       seg_slots: int32 [S], adapter slot per segment in [0, num_slots), or -1.
       grad_rows: int32 scalar or None: only rows ``[0, grad_rows)`` (training rows come
         first) take part in the adapter backward; None means all rows.
+      train_rows: static int or None: rows ``[train_rows, T)`` are never differentiated,
+        so the base projections' input gradient is computed for the leading rows only
+        (and is zero past them); None differentiates every row.
     """
 
     seg_ends: jax.Array
     seg_slots: jax.Array
     grad_rows: jax.Array | None = None
+    train_rows: int | None = dataclasses.field(default=None, metadata=dict(static=True))
 
     @classmethod
     def pack(
@@ -79,6 +83,7 @@ class LoraBatch:
         slots: Sequence[int],
         num_segments: int,
         grad_rows: int | None = None,
+        train_rows: int | None = None,
     ) -> LoraBatch:
         """Metadata for sequences of ``lengths`` packed back to back from row 0.
 
@@ -87,7 +92,7 @@ class LoraBatch:
           slots: adapter slot of each sequence, -1 for the base model alone; the caller
             vouches that they are loaded (``AdapterRegistry.batch`` checks names).
           num_segments: the static S; at least ``len(lengths)``.
-          grad_rows: see the class docstring.
+          grad_rows, train_rows: see the class docstring.
         """
         if len(lengths) != len(slots):
             raise ValueError(f"{len(lengths)} lengths but {len(slots)} slots")
@@ -104,6 +109,7 @@ class LoraBatch:
             jnp.asarray(seg_ends),
             jnp.asarray(seg_slots),
             None if grad_rows is None else jnp.asarray(grad_rows, jnp.int32),
+            train_rows,
         )
 
 

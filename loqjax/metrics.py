@@ -1,11 +1,17 @@
 """Runtime metrics: per adapter and overall serving/training throughput, TTFT/TPOT
 percentiles, SLO attainment, and each job's loss curves; kept in memory, optionally
-appended to a JSONL log as events happen, and plotted with matplotlib (``plot`` extra)."""
+appended to a JSONL log as events happen, and plotted with matplotlib (``plot`` extra).
+
+A request's TPOT is its mean time per output token after the first (as vLLM's benchmarks
+define it); the gaps between single tokens are reported as ITL (inter-token latency). A
+request meets the SLO when both its TTFT and its TPOT are within the targets.
+"""
 
 from __future__ import annotations
 
 import collections
 import dataclasses
+import itertools
 import json
 import os
 from pathlib import Path
@@ -24,10 +30,23 @@ class RequestRecord:
 
     adapter: str
     ttft_s: float
-    tpot_s: tuple[float, ...]
+    gaps_s: tuple[float, ...]
+
+    @classmethod
+    def of(cls, adapter: str, arrival: float, token_times: tuple[float, ...]) -> RequestRecord:
+        """The record of a request that arrived at ``arrival`` and got its tokens at
+        ``token_times`` (at least one)."""
+        gaps = tuple(b - a for a, b in itertools.pairwise(token_times))
+        return cls(adapter, token_times[0] - arrival, gaps)
+
+    @property
+    def tpot_s(self) -> float | None:
+        """Mean time per output token after the first; None for a single token."""
+        return sum(self.gaps_s) / len(self.gaps_s) if self.gaps_s else None
 
     def meets(self, slo: SloTargets) -> bool:
-        return self.ttft_s <= slo.ttft_s and all(t <= slo.tpot_s for t in self.tpot_s)
+        tpot = self.tpot_s
+        return self.ttft_s <= slo.ttft_s and (tpot is None or tpot <= slo.tpot_s)
 
 
 def percentiles(values, qs=(50, 90, 99)) -> dict[str, float | None]:
@@ -76,7 +95,12 @@ class Metrics:
 
     def request(self, record: RequestRecord) -> None:
         self.requests.append(record)
-        self._log("request", **dataclasses.asdict(record), slo_met=record.meets(self.slo))
+        self._log(
+            "request",
+            **dataclasses.asdict(record),
+            tpot_s=record.tpot_s,
+            slo_met=record.meets(self.slo),
+        )
 
     def train(self, job: str, update: int, loss: float) -> None:
         self.train_loss[job].append((update, loss))
@@ -98,7 +122,8 @@ class Metrics:
                 "training_tokens_per_s": trained / seconds,
                 "requests": len(requests),
                 "ttft_s": percentiles(r.ttft_s for r in requests),
-                "tpot_s": percentiles(t for r in requests for t in r.tpot_s),
+                "tpot_s": percentiles(r.tpot_s for r in requests if r.tpot_s is not None),
+                "itl_s": percentiles(t for r in requests for t in r.gaps_s),
                 "slo_attainment": (
                     sum(r.meets(self.slo) for r in requests) / len(requests) if requests else None
                 ),
@@ -142,7 +167,7 @@ class Metrics:
         loss_ax.set(xlabel="update", ylabel="loss", title="fine-tuning loss")
         loss_ax.legend()
         ttft = [r.ttft_s for r in self.requests]
-        tpot = [t for r in self.requests for t in r.tpot_s]
+        tpot = [r.tpot_s for r in self.requests if r.tpot_s is not None]
         latency_ax.hist([ttft, tpot], bins=30, label=["TTFT", "TPOT"])
         latency_ax.axvline(self.slo.ttft_s, color="C0", ls=":")
         latency_ax.axvline(self.slo.tpot_s, color="C1", ls=":")

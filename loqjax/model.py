@@ -16,18 +16,26 @@ projection (``Linear``), the only place that reads it.
 
 Serving: with a paged KV cache (``loqjax.kv_cache``), segment ids index the rows of the
 step's page tables, positions are positions in the cache, and each layer writes its keys
-and values to the cache before attending over its sequences' cached pages.
+and values to the cache before attending over its sequences' cached pages. A unified batch
+puts ``num_train_rows`` training rows first: they attend among themselves (packed, as
+without a cache) and never touch the cache, and they alone are differentiated.
+
+Attention runs on the Pallas kernels on a GPU and on the plain-jnp references elsewhere
+(``attention_impl``; see ``loqjax.attention``). Each decoder layer is its own nested
+``jax.jit`` with static structure, so the 32 layers of an 8B model are traced, lowered and
+their kernels compiled once rather than once per layer.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from loqjax.attention import paged_attention, reference_attention
+from loqjax.attention import AttentionImpl, cached_attention, packed_attention
 from loqjax.config import ModelConfig
 from loqjax.layers import Embedding, Linear, RMSNorm
 from loqjax.rope import apply_rope, rope_cos_sin
@@ -40,7 +48,14 @@ if TYPE_CHECKING:
 class Attention(nnx.Module):
     """Grouped-query self-attention with RoPE."""
 
-    def __init__(self, config: ModelConfig, *, param_dtype: jnp.dtype, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        config: ModelConfig,
+        *,
+        param_dtype: jnp.dtype,
+        rngs: nnx.Rngs,
+        attention_impl: AttentionImpl = "auto",
+    ):
         d, hd = config.hidden_size, config.head_dim
         qkv = dict(use_bias=config.attention_bias, param_dtype=param_dtype, rngs=rngs)
         self.q_proj = Linear(d, config.num_heads * hd, **qkv)
@@ -51,6 +66,7 @@ class Attention(nnx.Module):
         self.num_kv_heads = config.num_kv_heads
         self.head_dim = hd
         self.sliding_window = config.sliding_window
+        self.attention_impl = attention_impl
 
     def __call__(
         self,
@@ -62,26 +78,41 @@ class Attention(nnx.Module):
         lora: LoraBatch | None = None,
         kv: LayerKV | None = None,
         pages: PageBatch | None = None,
+        num_train_rows: int = 0,
     ) -> tuple[jax.Array, LayerKV | None]:
         """x [T, d], cos/sin float32 [T, head_dim], positions/segment_ids int32 [T].
 
         Returns [T, d] and, given this layer's cache ``kv`` and the batch's ``pages``,
-        the cache with this batch's keys and values written (else None).
+        the cache with the keys and values of rows [num_train_rows, T) written (else
+        None); rows [0, num_train_rows) attend among themselves only.
         """
-        t = x.shape[0]
+        t, n = x.shape[0], num_train_rows
         q = self.q_proj(x, lora).reshape(t, self.num_heads, self.head_dim)
         k = self.k_proj(x, lora).reshape(t, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x, lora).reshape(t, self.num_kv_heads, self.head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        attend = functools.partial(
+            packed_attention, sliding_window=self.sliding_window, impl=self.attention_impl
+        )
         if kv is None:
-            out = reference_attention(
-                q, k, v, positions, positions, segment_ids, segment_ids, self.sliding_window
-            )
+            out = attend(q, k, v, positions, segment_ids)
         else:
-            kv = kv.write(k, v, pages.slots)
-            out = paged_attention(
-                q, kv, pages.page_tables, positions, segment_ids, self.sliding_window
+            # Serving rows are never differentiated: cut them off before the cache and
+            # the (forward-only) paged kernel.
+            q_s, k_s, v_s = (jax.lax.stop_gradient(a[n:]) for a in (q, k, v))
+            kv = kv.write(k_s, v_s, pages.slots[n:])
+            out = cached_attention(
+                q_s,
+                kv,
+                pages.page_tables,
+                positions[n:],
+                segment_ids[n:],
+                sliding_window=self.sliding_window,
+                impl=self.attention_impl,
             )
+            if n:
+                train = attend(q[:n], k[:n], v[:n], positions[:n], segment_ids[:n])
+                out = jnp.concatenate([train, out])
         return self.o_proj(out.reshape(t, self.num_heads * self.head_dim), lora), kv
 
 
@@ -103,20 +134,55 @@ class MLP(nnx.Module):
 class DecoderLayer(nnx.Module):
     """Pre-norm residual block: attention, then MLP."""
 
-    def __init__(self, config: ModelConfig, *, param_dtype: jnp.dtype, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        config: ModelConfig,
+        *,
+        param_dtype: jnp.dtype,
+        rngs: nnx.Rngs,
+        attention_impl: AttentionImpl = "auto",
+    ):
         norm = dict(eps=config.rms_norm_eps, param_dtype=param_dtype)
         self.input_layernorm = RMSNorm(config.hidden_size, **norm)
-        self.self_attn = Attention(config, param_dtype=param_dtype, rngs=rngs)
+        self.self_attn = Attention(
+            config, param_dtype=param_dtype, rngs=rngs, attention_impl=attention_impl
+        )
         self.post_attention_layernorm = RMSNorm(config.hidden_size, **norm)
         self.mlp = MLP(config, param_dtype=param_dtype, rngs=rngs)
 
-    def __call__(self, x, cos, sin, positions, segment_ids, lora=None, kv=None, pages=None):
+    def __call__(
+        self, x, cos, sin, positions, segment_ids, lora=None, kv=None, pages=None, num_train_rows=0
+    ):
         """Same arguments and results as ``Attention.__call__``."""
         h, kv = self.self_attn(
-            self.input_layernorm(x), cos, sin, positions, segment_ids, lora, kv, pages
+            self.input_layernorm(x),
+            cos,
+            sin,
+            positions,
+            segment_ids,
+            lora,
+            kv,
+            pages,
+            num_train_rows,
         )
         x = x + h
         return x + self.mlp(self.post_attention_layernorm(x), lora), kv
+
+
+def apply_layer(layer: DecoderLayer, *args, num_train_rows: int = 0):
+    """``layer(*args, num_train_rows=...)`` as a nested jit of the layer's pure function.
+
+    Every layer of a model has the same structure (graphdef) and shapes, so JAX traces
+    and lowers the layer once and calls the one lowered function per layer; Pallas kernels
+    inside are lowered (and compiled by Triton) once instead of once per layer.
+    """
+    graphdef, state = nnx.split(layer)
+    return _pure_layer(graphdef, num_train_rows, state, *args)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _pure_layer(graphdef, num_train_rows, state, *args):
+    return nnx.merge(graphdef, state)(*args, num_train_rows=num_train_rows)
 
 
 class CausalLM(nnx.Module):
@@ -128,11 +194,22 @@ class CausalLM(nnx.Module):
         *,
         param_dtype: jnp.dtype = jnp.float32,
         rngs: nnx.Rngs,
+        attention_impl: AttentionImpl = "auto",
     ):
+        """
+        Args:
+          attention_impl: "pallas" (the GPU kernels; interpreted off GPU), "reference"
+            (plain jnp) or "auto": the kernels on a GPU, the references elsewhere.
+        """
         self.config = config
         init = dict(param_dtype=param_dtype, rngs=rngs)
         self.embed_tokens = Embedding(config.vocab_size, config.hidden_size, **init)
-        self.layers = nnx.List([DecoderLayer(config, **init) for _ in range(config.num_layers)])
+        self.layers = nnx.List(
+            [
+                DecoderLayer(config, **init, attention_impl=attention_impl)
+                for _ in range(config.num_layers)
+            ]
+        )
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, param_dtype=param_dtype)
         # HF stores lm_head.weight as [vocab, d], the embedding layout: no transpose either way.
         self.lm_head = (
@@ -169,6 +246,30 @@ class CausalLM(nnx.Module):
           float32 [T, vocab] next-token logits ([R, vocab] with ``logit_rows``); with a
           cache, also the cache with this batch's keys and values written.
         """
+        out = self.hidden(tokens, positions, segment_ids, lora, cache=cache, pages=pages)
+        x, new_cache = (out, None) if cache is None else out
+        logits = self.logits(x if logit_rows is None else x[logit_rows])
+        return logits if cache is None else (logits, new_cache)
+
+    def hidden(
+        self,
+        tokens: jax.Array,
+        positions: jax.Array,
+        segment_ids: jax.Array,
+        lora: LoraBatch | None = None,
+        *,
+        cache: KVCache | None = None,
+        pages: PageBatch | None = None,
+        num_train_rows: int = 0,
+    ) -> jax.Array | tuple[jax.Array, KVCache]:
+        """The last decoder layer's output [T, d] (before the final norm), and with a
+        cache the updated cache; arguments as for ``__call__``.
+
+        Args:
+          num_train_rows: static n; with a cache, rows [0, n) are training rows: they
+            attend among themselves by their own segment ids and positions, as without
+            a cache, and write nothing to it. Rows [n, T) are served from the cache.
+        """
         if (cache is None) != (pages is None):
             raise ValueError("a KV cache and its pages must be passed together")
         cos, sin = rope_cos_sin(positions, self.config)
@@ -176,11 +277,22 @@ class CausalLM(nnx.Module):
         layer_kvs = (None,) * len(self.layers) if cache is None else cache
         new_cache = []
         for layer, kv in zip(self.layers, layer_kvs, strict=True):
-            x, kv = layer(x, cos, sin, positions, segment_ids, lora, kv, pages)
+            x, kv = apply_layer(
+                layer,
+                x,
+                cos,
+                sin,
+                positions,
+                segment_ids,
+                lora,
+                kv,
+                pages,
+                num_train_rows=num_train_rows,
+            )
             new_cache.append(kv)
-        if logit_rows is not None:
-            x = x[logit_rows]
-        x = self.norm(x)
+        return x if cache is None else (x, tuple(new_cache))
+
+    def logits(self, x: jax.Array) -> jax.Array:
+        """Final norm and output head: hidden [R, d] -> float32 logits [R, vocab]."""
         head = self.embed_tokens if self.lm_head is None else self.lm_head
-        logits = head.attend(x)
-        return logits if cache is None else (logits, tuple(new_cache))
+        return head.attend(self.norm(x))

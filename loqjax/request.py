@@ -50,6 +50,9 @@ class RequestOutput:
       token_ids: generated ids; a stop token that ended the generation is included.
       text: their decoded text, special and stop tokens left out and cut before a stop
         string; None without a tokenizer.
+      arrival_time: when the request was submitted, on the engine's clock (s).
+      token_times: when each generated token came back, on the same clock. Timings are
+        left out of equality: two outputs are equal when they generated the same.
     """
 
     request_id: int
@@ -57,3 +60,5 @@ class RequestOutput:
     token_ids: tuple[int, ...]
     text: str | None
     finish_reason: FinishReason | None
+    arrival_time: float = dataclasses.field(default=0.0, compare=False)
+    token_times: tuple[float, ...] = dataclasses.field(default=(), compare=False)

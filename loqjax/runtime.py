@@ -1,46 +1,53 @@
-"""The unified runtime: fine-tuning jobs and serving requests in one jitted step.
+"""The unified runtime: fine-tuning jobs and serving requests on one model, one step at a time.
 
-Each ``Runtime.step`` asks the ``TokenPolicy`` how to split its token budget, packs one
-``UnifiedBatch`` (training rows of the active jobs first, then the scheduled serving
-requests) and runs the issue-5 unified step once: the serving rows yield each request's
-next (greedy) token, the training rows step each job's adapter slot.
+``Runtime`` is an ``Engine`` (requests, continuous batching with chunked prefill over the
+paged KV cache, sampling, streaming, cancellation; see ``loqjax.engine``) whose steps also
+fine-tune adapters. Before each step the ``StepPolicy`` decides whether it trains:
 
-Serving design: a request's row is its whole prefix, recomputed every step (no KV cache),
-so its cost in the budget is its full length. That keeps one compiled step for everything
-and is cheap for short prompts on small models; serving-only traffic with long contexts
-belongs on ``Engine`` and its paged KV cache.
+* a unified step packs the active jobs' next examples into the training rows and the
+  scheduled serving chunks (decode tokens and prefill pieces, at most
+  ``unified_serve_rows`` tokens) after them, and runs the unified step over the KV cache
+  (``loqjax.unified``): the serving rows' next tokens come back sampled, the jobs' slots
+  take their gradients, all in one jitted call;
+* a serving step is the engine's step, at its token buckets;
+* with no request in flight, a training step runs the training rows alone.
+
+A training step is much slower than a decode step, so the policy runs one only when every
+request in flight can afford it against its TTFT/TPOT deadline (decode steps bank slack,
+training steps spend it), and always while fine-tuning has had less than its guaranteed
+share of the step time.
 
 Adapter lifecycle: ``add_job`` loads a fresh adapter into the registry under the job's
 name, so requests can name it from then on and get its current weights (the tables are
-shared); when the job ends it just stops training, and the registry entry stays, served
-as any other adapter. Jobs and requests are added between steps (one thread).
+shared); when the job ends it stops training, and the registry entry stays, served as any
+other adapter. Jobs and requests are added between steps (one thread).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import itertools
 import math
 import time
 from collections.abc import Callable, Sequence
 
 import jax
-import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
 from loqjax.adapter import LoraAdapter
-from loqjax.jobs import DuplicateJobError, Example, FineTuneJob, epochs_of
+from loqjax.engine import Engine, ScheduledStep, _Request
+from loqjax.jobs import DatasetError, DuplicateJobError, Example, FineTuneJob, epochs_of
 from loqjax.metrics import BASE, Metrics, RequestRecord
 from loqjax.model import CausalLM
 from loqjax.optim import SlotOptimizer
 from loqjax.registry import AdapterRegistry
-from loqjax.request import InvalidPromptError, InvalidSamplingParamsError, PromptTooLongError
-from loqjax.slo_scheduler import ServeDemand, SloTargets, StepCost, TokenPolicy
-from loqjax.tokenization import encode_prompt
+from loqjax.scheduler import EngineConfig
+from loqjax.serve_step import ServeRows
+from loqjax.slo_scheduler import SloTargets, StepPolicy
 from loqjax.unified import (
-    ServeSequence,
+    Backward,
+    StepOutput,
     TrainState,
     UnifiedBatch,
     make_unified_step,
@@ -54,76 +61,42 @@ class RuntimeConfig:
     """Static step shapes and the scheduling policy.
 
     Attributes:
-      train_rows, serve_rows: training and serving rows of every step (static shapes).
-      max_train_seqs, max_serve_seqs: sequences per step of each kind.
-      budget: tokens per step, serving and training together; default ``train_rows``,
-        so fine-tuning alone fills its rows.
-      min_train_share: share of the budget fine-tuning keeps under any serving load.
+      serving: the serving engine's shapes and KV cache (``EngineConfig``).
+      train_rows: training rows of a training step (static).
+      max_train_seqs: training sequences per step.
+      unified_serve_rows: serving tokens a unified step carries, in
+        [serving.max_seqs, serving.token_capacity]; default the token capacity. Smaller
+        keeps training steps short under prefill load (prompts then prefill mostly in
+        serving steps).
+      min_train_share: share of step time fine-tuning keeps under any serving load.
       slo: TTFT/TPOT targets.
-      cost: optional step-cost model for the policy (see ``TokenPolicy``).
+      backward: the unified step's backward strategy (see ``loqjax.unified``).
     """
 
+    serving: EngineConfig = EngineConfig(
+        token_capacity=256, max_seqs=16, page_size=16, num_pages=256, max_seq_len=512
+    )
     train_rows: int = 256
-    serve_rows: int = 256
     max_train_seqs: int = 24
-    max_serve_seqs: int = 16
-    budget: int | None = None
+    unified_serve_rows: int | None = None
     min_train_share: float = 0.25
     slo: SloTargets = SloTargets()
-    cost: StepCost | None = None
+    backward: Backward = "save"
 
-    def policy(self) -> TokenPolicy:
-        return TokenPolicy(
-            budget=self.budget or self.train_rows,
-            serve_capacity=self.serve_rows,
-            max_serve_seqs=self.max_serve_seqs,
-            train_capacity=self.train_rows,
-            min_train_share=self.min_train_share,
-            cost=self.cost,
-        )
-
-
-class ServeRequest:
-    """A greedy generation request; read its fields after ``done``.
-
-    Attributes:
-      adapter: the adapter name, or None for the base model.
-      prompt_ids: int token ids; output_ids: generated ids (stop id included).
-      arrival: submit time; token_times: the time each output token came back.
-    """
-
-    def __init__(self, request_id, adapter, prompt_ids, max_new_tokens, stop_ids, arrival):
-        self.request_id = request_id
-        self.adapter = adapter
-        self.prompt_ids = list(prompt_ids)
-        self.max_new_tokens = max_new_tokens
-        self.stop_ids = frozenset(stop_ids)
-        self.arrival = arrival
-        self.output_ids: list[int] = []
-        self.token_times: list[float] = []
-        self.done = False
+    def __post_init__(self):
+        if self.train_rows < 1 or self.max_train_seqs < 1:
+            raise ValueError("train_rows and max_train_seqs must be >= 1")
+        serve_rows = self.serve_rows
+        if not self.serving.max_seqs <= serve_rows <= self.serving.token_capacity:
+            raise ValueError(
+                f"unified_serve_rows={serve_rows} must be in [max_seqs, token_capacity] = "
+                f"[{self.serving.max_seqs}, {self.serving.token_capacity}]"
+            )
 
     @property
-    def length(self) -> int:
-        return len(self.prompt_ids) + len(self.output_ids)
-
-    def deadline(self, slo: SloTargets) -> float:
-        if not self.token_times:
-            return self.arrival + slo.ttft_s
-        return self.token_times[-1] + slo.tpot_s
-
-    def add(self, token: int, now: float) -> None:
-        self.output_ids.append(token)
-        self.token_times.append(now)
-        self.done = token in self.stop_ids or len(self.output_ids) == self.max_new_tokens
-
-    def record(self) -> RequestRecord:
-        times = [self.arrival, *self.token_times]
-        return RequestRecord(
-            self.adapter or BASE,
-            times[1] - times[0],
-            tuple(float(b - a) for a, b in itertools.pairwise(times[1:])),
-        )
+    def serve_rows(self) -> int:
+        """Serving rows of a unified step."""
+        return self.unified_serve_rows or self.serving.token_capacity
 
 
 class JobRun:
@@ -166,57 +139,72 @@ class JobRun:
         return example
 
 
-class Runtime:
-    """Serves requests and runs fine-tuning jobs on one model, one unified step at a time.
+class Runtime(Engine):
+    """Serves requests and runs fine-tuning jobs on one model, one step at a time.
 
     Usage::
 
         runtime = Runtime(model, registry, tokenizer)
         runtime.add_job(FineTuneJob("upper", "upper.jsonl", steps=200))
-        request = runtime.submit("upper: abc =>", adapter="upper")
+        handle = runtime.submit("upper: abc =>", adapter="upper")
         runtime.run_until_idle()
+        print(handle.result().text)
+
+    Requests are the engine's (``submit`` -> ``RequestHandle``); stepping a handle steps
+    the runtime, jobs included.
     """
 
     def __init__(
         self,
         model: CausalLM,
         registry: AdapterRegistry,
-        tokenizer,
+        tokenizer=None,
         config: RuntimeConfig | None = None,
         *,
         optimizer: SlotOptimizer | None = None,
         metrics: Metrics | None = None,
         progress: bool = True,
         clock: Callable[[], float] = time.perf_counter,
+        **engine_kwargs,
     ):
         """
         Args:
           model: the base with adapter tables; ``registry`` is bound to them.
-          tokenizer: HF tokenizer for text prompts and datasets.
+          tokenizer: HF tokenizer (or checkpoint directory) for text prompts and text
+            datasets; None for token ids only.
           config: step shapes and policy.
           optimizer: per-slot optimizer of every job (default ``SlotOptimizer()``: AdamW;
             a job's ``hyperparams`` set its own slot's values).
           metrics: where events go; default an in-memory ``Metrics``.
           progress: a tqdm bar per job.
           clock: seconds; injectable for tests.
+          engine_kwargs: ``eos_token_ids``, ``cache_dtype``, ``seed`` of ``Engine``.
         """
-        self.model = model
-        self.registry = registry
-        self.tokenizer = tokenizer
-        self.config = config or RuntimeConfig()
-        self.policy = self.config.policy()
+        self.runtime_config = config or RuntimeConfig()
         self.optimizer = optimizer or SlotOptimizer()
-        self.metrics = metrics or Metrics(self.config.slo)
+        super().__init__(
+            model, registry, tokenizer, self.runtime_config.serving, clock=clock, **engine_kwargs
+        )
+        self.model = model
+        self.slo = self.runtime_config.slo
+        self.policy = StepPolicy(self.runtime_config.min_train_share)
+        self.metrics = metrics or Metrics(self.slo)
         self.progress = progress
-        self.clock = clock
         self.jobs: dict[str, JobRun] = {}
-        self._requests: dict[int, ServeRequest] = {}
-        self._ids = itertools.count()
-        graphdef, self._frozen, params = split_model(model)
+        backward = self.runtime_config.backward
+        self._step = make_unified_step(self._graphdef, self.optimizer, backward=backward)
+        self._losses = jax.jit(functools.partial(slot_losses, self._graphdef))
+        self._unified_seconds: float | None = None  # moving average of warm unified steps
+        self._ran: set[tuple] = set()  # step variants run at least once (compiled)
+        self._train_seconds = 0.0  # step time while jobs were active, training / all
+        self._active_seconds = 0.0
+
+    def _bind_model(self, model: CausalLM) -> None:
+        self._graphdef, self._frozen, params = split_model(model)
         self._state = TrainState.create(params, self.optimizer)
-        self._step = make_unified_step(graphdef, self.optimizer)
-        self._losses = jax.jit(functools.partial(slot_losses, graphdef))
-        self._num_segments = self.config.max_train_seqs + self.config.max_serve_seqs + 1
+
+    def _serving_model(self) -> tuple[nnx.GraphDef, tuple[nnx.State, ...]]:
+        return self._graphdef, (self._state.params, self._frozen)
 
     # --- adapters and jobs ----------------------------------------------------------
 
@@ -238,7 +226,8 @@ class Runtime:
 
         Raises:
           DuplicateJobError: a job for ``job.name`` is still running.
-          DatasetError: bad records; ValueError: an example longer than ``train_rows``;
+          DatasetError: bad records, or token ids outside the vocabulary;
+          ValueError: an example longer than ``train_rows``;
           and the registry's ``AdapterError``s (name taken, table full, bad config).
         """
         running = self.jobs.get(job.name)
@@ -248,11 +237,16 @@ class Runtime:
                 f"{running.total_updates} updates done); wait for that job to finish"
             )
         train, held_out = job.examples(self.tokenizer)
+        vocab = self.model_config.vocab_size
+        if any(int(e.tokens.max()) >= vocab for e in train + held_out):
+            raise DatasetError(
+                f"job {job.name!r} has token ids outside the vocabulary [0, {vocab})"
+            )
         longest = max(len(e.tokens) for e in train + held_out)
-        if longest > self.config.train_rows:
+        if longest > self.runtime_config.train_rows:
             raise ValueError(
                 f"job {job.name!r} has a {longest}-token example; train_rows is "
-                f"{self.config.train_rows}"
+                f"{self.runtime_config.train_rows}"
             )
         total = job.steps or math.ceil(
             job.epochs * sum(len(e.tokens) for e in train) / job.batch_tokens
@@ -275,56 +269,6 @@ class Runtime:
             opt = self.optimizer.set_hyperparams(opt, slot, **hyperparams)
         self._state = TrainState(params, opt)
 
-    # --- serving ----------------------------------------------------------------------
-
-    def submit(
-        self,
-        prompt: str | Sequence[int],
-        adapter: str | None = None,
-        *,
-        max_new_tokens: int = 16,
-        stop_ids: Sequence[int] | None = None,
-    ) -> ServeRequest:
-        """Queues a greedy generation request; text prompts get the tokenizer's specials.
-
-        Args:
-          stop_ids: ids that end the request; default the tokenizer's eos id.
-
-        Raises:
-          UnknownAdapterError: ``adapter`` is not loaded.
-          InvalidPromptError: empty prompt, or ids outside the vocabulary.
-          PromptTooLongError: prompt plus output cannot fit the serving rows.
-          InvalidSamplingParamsError: ``max_new_tokens`` is not an integer >= 1.
-        """
-        if adapter is not None:
-            self.registry.info(adapter)
-        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-            raise InvalidSamplingParamsError(
-                f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}"
-            )
-        ids = encode_prompt(prompt, self.tokenizer)
-        vocab = self.model.config.vocab_size
-        outside = [i for i in ids if not 0 <= i < vocab]
-        if outside:
-            raise InvalidPromptError(
-                f"token ids {outside[:8]} are outside the vocabulary [0, {vocab})"
-            )
-        if len(ids) + max_new_tokens - 1 > self.config.serve_rows:
-            raise PromptTooLongError(
-                f"{len(ids)} prompt + {max_new_tokens} new tokens do not fit "
-                f"{self.config.serve_rows} serving rows (each step recomputes the prefix)"
-            )
-        if stop_ids is None:
-            stop_ids = [] if self.tokenizer.eos_token_id is None else [self.tokenizer.eos_token_id]
-        request = ServeRequest(
-            next(self._ids), adapter, ids, max_new_tokens, stop_ids, self.clock()
-        )
-        self._requests[request.request_id] = request
-        return request
-
-    def decode(self, request: ServeRequest) -> str:
-        return self.tokenizer.decode(request.output_ids, skip_special_tokens=True)
-
     # --- the loop ---------------------------------------------------------------------
 
     @property
@@ -340,57 +284,117 @@ class Runtime:
             if not self.step():
                 return
 
+    def warmup(self) -> None:
+        """Compiles every step variant (serving buckets, unified, training-only) on empty
+        batches, which change no weight, optimizer state or cache entry; later steps then
+        run warm from the first, and the policy's step-time prediction too."""
+        nothing = ScheduledStep((), ())
+        for bucket in self.config.token_buckets:
+            self._serve(nothing, bucket)
+        self._run_unified([], self._serve_rows(nothing))
+        self._run_unified([], None)
+        self._ran.update({"unified", "train"})
+
     def step(self) -> bool:
-        """One unified step; False when there was nothing to do."""
+        """One step; False when there was nothing to do."""
         start = self.clock()
         active = [run for run in self.jobs.values() if not run.done]
-        allocation = self.policy.allocate(
-            [
-                ServeDemand(r.request_id, r.length, r.deadline(self.config.slo))
-                for r in self._requests.values()
-            ],
-            self.config.train_rows if active else 0,
-            start,
-        )
-        served = [self._requests[i] for i in allocation.serve]
-        train, rows = self._pack_training(active, allocation.train_tokens)
-        if not served and not train:
-            return False
-        applying = [run for run in active if run._rows + rows[run.name] >= run.job.batch_tokens]
-        batch = UnifiedBatch.pack(
-            [example.sequence(run.slot) for run, example in train],
-            [
-                ServeSequence(
-                    -1 if r.adapter is None else self.registry.info(r.adapter).slot,
-                    np.asarray(r.prompt_ids + r.output_ids, np.int32),
-                )
-                for r in served
-            ],
-            num_train_rows=self.config.train_rows,
-            num_serve_rows=self.config.serve_rows,
-            num_segments=self._num_segments,
-            num_samples=self.config.max_serve_seqs,
-            num_slots=self.registry.num_slots,
-            accumulate=[run.slot for run in active if run not in applying],
-        )
-        self._state, out = self._step(self._frozen, self._state, batch)
-        next_tokens, loss, num_tokens = jax.device_get((out.next_tokens, out.loss, out.num_tokens))
+        train, scheduled, rows = [], None, {}
+        if active and self._wants_training(start):
+            scheduled = self._schedule(self.runtime_config.serve_rows)
+            train, rows = self._pack_training(active, self.runtime_config.train_rows)
+        if train:
+            kind = "train" if scheduled is None else "unified"
+            serve = None if scheduled is None else self._serve_rows(scheduled)
+            out = self._run_unified(train, serve, active)
+            next_tokens, loss, num_tokens = jax.device_get(
+                (out.next_tokens, out.loss, out.num_tokens)
+            )
+            for run in active:
+                self._account(run, rows[run.name], float(loss[run.slot]), int(num_tokens[run.slot]))
+        else:
+            scheduled = scheduled or self._schedule()
+            if scheduled is None:
+                return self._scheduler.has_work
+            kind = "serve"
+            next_tokens = self._serve(scheduled)
+        generated = {} if scheduled is None else self._commit(scheduled, next_tokens)
         end = self.clock()
-
-        generated: dict[str, int] = {}
-        for request, token in zip(served, next_tokens, strict=False):
-            request.add(int(token), end)
-            name = request.adapter or BASE
-            generated[name] = generated.get(name, 0) + 1
-            if request.done:
-                del self._requests[request.request_id]
-                self.metrics.request(request.record())
-        for run in active:
-            self._account(run, rows[run.name], float(loss[run.slot]), int(num_tokens[run.slot]))
-            if run in applying:
-                self._finish_update(run)
+        self._time(kind, end - start, bool(active))
         self.metrics.step(start, end, generated, {n: r for n, r in rows.items() if r})
         return True
+
+    def _wants_training(self, now: float) -> bool:
+        deadlines = [self.slo.deadline(r.arrival, r.token_times) for r in self._requests.values()]
+        share = self._train_seconds / self._active_seconds if self._active_seconds else 0.0
+        predicted = self._unified_seconds if deadlines else None
+        return self.policy.train_now(deadlines, now, predicted, share)
+
+    def _serve_rows(self, scheduled: ScheduledStep) -> ServeRows:
+        return ServeRows.pack(
+            scheduled.chunks,
+            scheduled.adapter_slots,
+            self.config,
+            self.model_config.vocab_size,
+            num_rows=self.runtime_config.serve_rows,
+        )
+
+    def _run_unified(
+        self, train: list, serve: ServeRows | None, active: Sequence[JobRun] = ()
+    ) -> StepOutput:
+        """A unified step over ``train`` [(run, example)] and the serving rows (None: a
+        training-only step without the cache); steps the slots of ``active`` jobs whose
+        accumulated rows reach their batch."""
+        config = self.runtime_config
+        sequences = [example.sequence(run.slot) for run, example in train]
+        rows = {run.name: 0 for run in active}
+        for run, example in train:
+            rows[run.name] += len(example.tokens)
+        accumulate = [
+            run.slot for run in active if run._rows + rows[run.name] < run.job.batch_tokens
+        ]
+        num_slots = self.registry.num_slots
+        if serve is None:
+            batch = UnifiedBatch.pack(
+                sequences,
+                [],
+                num_train_rows=config.train_rows,
+                num_serve_rows=0,
+                num_segments=config.max_train_seqs + 1,
+                num_samples=0,
+                num_slots=num_slots,
+                accumulate=accumulate,
+            )
+            self._state, _, out = self._step(self._frozen, self._state, batch, None)
+        else:
+            batch = UnifiedBatch.pack_cached(
+                sequences,
+                serve,
+                num_train_rows=config.train_rows,
+                max_train_seqs=config.max_train_seqs,
+                num_slots=num_slots,
+                accumulate=accumulate,
+            )
+            self._state, self._cache, out = self._step(
+                self._frozen, self._state, batch, self._cache
+            )
+        return out
+
+    def _time(self, kind: str, seconds: float, jobs_active: bool) -> None:
+        """Step-time bookkeeping for the policy: the moving average of warm unified steps
+        and fine-tuning's share of step time."""
+        if kind == "unified" and "unified" in self._ran:
+            previous = self._unified_seconds
+            self._unified_seconds = seconds if previous is None else 0.7 * previous + 0.3 * seconds
+        self._ran.add(kind)
+        if jobs_active:
+            self._active_seconds += seconds
+            self._train_seconds += seconds if kind != "serve" else 0.0
+
+    def _on_finish(self, request: _Request) -> None:
+        if request.finish_reason in ("stop", "length") and request.token_times:
+            adapter = request.seq.adapter or BASE
+            self.metrics.request(RequestRecord.of(adapter, request.arrival, request.token_times))
 
     def _pack_training(self, active: list[JobRun], tokens: int):
         """Round-robin whole examples of the active jobs into ``tokens`` rows.
@@ -400,10 +404,10 @@ class Runtime:
         """
         packed, rows = [], {run.name: 0 for run in active}
         room, progressing = tokens, True
-        while progressing and len(packed) < self.config.max_train_seqs:
+        while progressing and len(packed) < self.runtime_config.max_train_seqs:
             progressing = False
             for run in active:
-                if len(packed) == self.config.max_train_seqs:
+                if len(packed) == self.runtime_config.max_train_seqs:
                     break
                 example = run.take(room)
                 if example is not None:
@@ -417,6 +421,8 @@ class Runtime:
         run._rows += rows
         run._loss_sum += loss * tokens
         run._loss_tokens += tokens
+        if run._rows >= run.job.batch_tokens:
+            self._finish_update(run)
 
     def _finish_update(self, run: JobRun) -> None:
         run.updates += 1
@@ -436,18 +442,19 @@ class Runtime:
         """Mean completion-token loss of the job's held-out split (forward only)."""
         if not run.eval_examples:
             return
+        config = self.runtime_config
         total, count = 0.0, 0
-        for chunk in _chunks(run.eval_examples, self.config.train_rows, self.config.max_train_seqs):
+        for chunk in _chunks(run.eval_examples, config.train_rows, config.max_train_seqs):
             batch = UnifiedBatch.pack(
                 [example.sequence(run.slot) for example in chunk],
                 [],
-                num_train_rows=self.config.train_rows,
+                num_train_rows=config.train_rows,
                 num_serve_rows=0,
-                num_segments=self._num_segments,
+                num_segments=config.max_train_seqs + 1,
                 num_samples=0,
                 num_slots=self.registry.num_slots,
             )
-            _, (losses, counts, _) = self._losses(self._frozen, self._state.params, batch)
+            _, (losses, counts, _, _) = self._losses(self._frozen, self._state.params, batch)
             total += float(losses[run.slot])
             count += int(counts[run.slot])
         loss = total / max(count, 1)

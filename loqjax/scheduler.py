@@ -33,6 +33,9 @@ class EngineConfig:
       page_size: tokens per KV cache page.
       num_pages: pages in the pool (per layer); must hold one ``max_seq_len`` sequence.
       max_seq_len: prompt plus generated tokens of one sequence, at most.
+      token_buckets: the static batch sizes a step may run at, each compiled once; a step
+        takes the smallest that holds its tokens. Default ``(token_capacity,)``; e.g.
+        ``(max_seqs, token_capacity)`` runs decode-only steps at S rows.
     """
 
     token_capacity: int = 128
@@ -40,12 +43,22 @@ class EngineConfig:
     page_size: int = 16
     num_pages: int = 512
     max_seq_len: int = 1024
+    token_buckets: tuple[int, ...] = ()
 
     def __post_init__(self):
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
+            if field.name == "token_buckets":
+                continue
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{field.name} must be a positive integer, got {value!r}")
+        buckets = tuple(sorted(set(self.token_buckets) | {self.token_capacity}))
+        if any(not isinstance(b, int) or not 1 <= b <= self.token_capacity for b in buckets):
+            raise ValueError(
+                f"token_buckets must be integers in [1, token_capacity={self.token_capacity}], "
+                f"got {self.token_buckets!r}"
+            )
+        object.__setattr__(self, "token_buckets", buckets)
         if self.max_seqs > self.token_capacity:
             raise ValueError(
                 f"max_seqs={self.max_seqs} exceeds token_capacity={self.token_capacity}: "
@@ -126,12 +139,17 @@ class Scheduler:
             self.waiting.remove(seq)
         self._free_pages(seq)
 
-    def schedule(self) -> list[Chunk]:
-        """The next step's chunks, in packing order; allocates their pages.
+    def schedule(self, budget: int | None = None) -> list[Chunk]:
+        """The next step's chunks, in packing order, within ``budget`` tokens (default
+        and at most the token capacity, at least ``max_seqs``, so that every running
+        sequence gets a token); allocates their pages.
 
         The caller sets each ``seq.num_computed = chunk.stop`` once the step has run.
         """
-        budget = self.config.token_capacity
+        capacity = self.config.token_capacity
+        budget = capacity if budget is None else min(budget, capacity)
+        if budget < self.config.max_seqs:
+            raise ValueError(f"budget={budget} is below max_seqs={self.config.max_seqs}")
         chunks = []
         preemptions = self.num_preemptions
         i = 0

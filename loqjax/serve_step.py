@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -22,6 +23,88 @@ from loqjax.kv_cache import KVCache, PageBatch, page_slots
 from loqjax.lora import LoraBatch
 from loqjax.sampling import SamplingBatch, sample
 from loqjax.scheduler import Chunk, EngineConfig
+
+
+class ServeRows(NamedTuple):
+    """One step's scheduled chunks packed back to back from row 0, on the host.
+
+    Attributes:
+      tokens, positions, segment_ids: int32 [T]; positions are positions in the cache,
+        segment id s = the step's sequence row s, -1 for padding.
+      cache_slots: int32 [T], flat cache slot of each row; padding gets the out-of-range
+        ``num_pages * page_size``, so its writes are dropped.
+      page_tables: int32 [S, M].
+      logit_rows: int32 [S], each sequence's last row.
+      lengths, adapter_slots: per chunk, its rows and adapter slot (-1: the base model).
+      sampling: each sequence's sampling parameters (device arrays).
+    """
+
+    tokens: np.ndarray
+    positions: np.ndarray
+    segment_ids: np.ndarray
+    cache_slots: np.ndarray
+    page_tables: np.ndarray
+    logit_rows: np.ndarray
+    lengths: list[int]
+    adapter_slots: list[int]
+    sampling: SamplingBatch
+
+    @classmethod
+    def pack(
+        cls,
+        chunks: Sequence[Chunk],
+        adapter_slots: Sequence[int],
+        config: EngineConfig,
+        vocab_size: int,
+        num_rows: int | None = None,
+    ) -> ServeRows:
+        """Packs the scheduled chunks.
+
+        Args:
+          chunks: at most S, their pages already allocated.
+          adapter_slots: per chunk, its adapter's slot or -1 for the base model.
+          config: the static sizes.
+          vocab_size: the out-of-range id that pads the repetition-penalty ids.
+          num_rows: static T; default ``config.token_capacity``.
+        """
+        t, s = num_rows or config.token_capacity, config.max_seqs
+        tokens = np.zeros(t, np.int32)
+        positions = np.zeros(t, np.int32)
+        segment_ids = np.full(t, -1, np.int32)
+        cache_slots = np.full(t, config.num_pages * config.page_size, np.int32)
+        page_tables = np.zeros((s, config.pages_per_seq), np.int32)
+        logit_rows = np.zeros(s, np.int32)
+        offset = 0
+        for row, chunk in enumerate(chunks):
+            seq, rows = chunk.seq, slice(offset, offset + chunk.length)
+            tokens[rows] = seq.token_ids[chunk.start : chunk.stop]
+            positions[rows] = np.arange(chunk.start, chunk.stop)
+            segment_ids[rows] = row
+            cache_slots[rows] = page_slots(seq.pages, chunk.start, chunk.stop, config.page_size)
+            page_tables[row, : len(seq.pages)] = seq.pages
+            offset += chunk.length
+            logit_rows[row] = offset - 1
+        seqs = [chunk.seq for chunk in chunks]
+        sampling = SamplingBatch.pack(
+            [seq.params for seq in seqs],
+            [seq.seed for seq in seqs],
+            [seq.num_generated for seq in seqs],
+            [seq.token_ids for seq in seqs],
+            num_rows=s,
+            seen_capacity=config.max_seq_len,
+            vocab_size=vocab_size,
+        )
+        return cls(
+            tokens,
+            positions,
+            segment_ids,
+            cache_slots,
+            page_tables,
+            logit_rows,
+            [chunk.length for chunk in chunks],
+            list(adapter_slots),
+            sampling,
+        )
 
 
 @jax.tree_util.register_dataclass
@@ -53,58 +136,29 @@ class ServeBatch:
         adapter_slots: Sequence[int],
         config: EngineConfig,
         vocab_size: int,
+        num_rows: int | None = None,
     ) -> ServeBatch:
-        """Packs the scheduled chunks back to back from row 0.
-
-        Args:
-          chunks: at most S, their pages already allocated.
-          adapter_slots: per chunk, its adapter's slot or -1 for the base model.
-          config: the static sizes.
-          vocab_size: the out-of-range id that pads the repetition-penalty ids.
-        """
-        t, s = config.token_capacity, config.max_seqs
-        tokens = np.zeros(t, np.int32)
-        positions = np.zeros(t, np.int32)
-        segment_ids = np.full(t, -1, np.int32)
-        slots = np.full(t, config.num_pages * config.page_size, np.int32)  # dropped
-        page_tables = np.zeros((s, config.pages_per_seq), np.int32)
-        logit_rows = np.zeros(s, np.int32)
-        offset = 0
-        for row, chunk in enumerate(chunks):
-            seq, rows = chunk.seq, slice(offset, offset + chunk.length)
-            tokens[rows] = seq.token_ids[chunk.start : chunk.stop]
-            positions[rows] = np.arange(chunk.start, chunk.stop)
-            segment_ids[rows] = row
-            slots[rows] = page_slots(seq.pages, chunk.start, chunk.stop, config.page_size)
-            page_tables[row, : len(seq.pages)] = seq.pages
-            offset += chunk.length
-            logit_rows[row] = offset - 1
-        seqs = [chunk.seq for chunk in chunks]
-        sampling = SamplingBatch.pack(
-            [seq.params for seq in seqs],
-            [seq.seed for seq in seqs],
-            [seq.num_generated for seq in seqs],
-            [seq.token_ids for seq in seqs],
-            num_rows=s,
-            seen_capacity=config.max_seq_len,
-            vocab_size=vocab_size,
-        )
+        """The device batch of ``ServeRows.pack`` (same arguments)."""
+        rows = ServeRows.pack(chunks, adapter_slots, config, vocab_size, num_rows)
         return cls(
-            jnp.asarray(tokens),
-            jnp.asarray(positions),
-            jnp.asarray(segment_ids),
-            LoraBatch.pack([chunk.length for chunk in chunks], adapter_slots, s),
-            PageBatch(jnp.asarray(page_tables), jnp.asarray(slots)),
-            jnp.asarray(logit_rows),
-            sampling,
+            jnp.asarray(rows.tokens),
+            jnp.asarray(rows.positions),
+            jnp.asarray(rows.segment_ids),
+            LoraBatch.pack(rows.lengths, rows.adapter_slots, config.max_seqs),
+            PageBatch(jnp.asarray(rows.page_tables), jnp.asarray(rows.cache_slots)),
+            jnp.asarray(rows.logit_rows),
+            rows.sampling,
         )
 
 
 @functools.partial(jax.jit, static_argnums=0, donate_argnums=2)
 def serve_step(
-    graphdef: nnx.GraphDef, state: nnx.State, cache: KVCache, batch: ServeBatch
+    graphdef: nnx.GraphDef,
+    states: tuple[nnx.State, ...],
+    cache: KVCache,
+    batch: ServeBatch,
 ) -> tuple[jax.Array, KVCache]:
-    """Runs one step of the model ``nnx.merge(graphdef, state)``.
+    """Runs one step of the model ``nnx.merge(graphdef, *states)``.
 
     The cache is donated: its pools are updated in place.
 
@@ -112,7 +166,7 @@ def serve_step(
       (int32 [S] next token of every sequence row, the updated cache). A row's token is
       meaningful only if its chunk reached the end of the sequence's known tokens.
     """
-    model = nnx.merge(graphdef, state)
+    model = nnx.merge(graphdef, *states)
     logits, cache = model(
         batch.tokens,
         batch.positions,

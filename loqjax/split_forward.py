@@ -30,8 +30,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from loqjax.kv_cache import KVCache, PageBatch
 from loqjax.lora import LoraBatch, LoraParam
-from loqjax.model import CausalLM
+from loqjax.model import CausalLM, apply_layer
 from loqjax.rope import rope_cos_sin
 
 
@@ -42,13 +43,16 @@ def split_rows(
     x_serve: jax.Array,
     rows=(),
     consts=(),
-) -> tuple[jax.Array, jax.Array]:
+    state=None,
+):
     """``fn`` over the rows of ``x_train`` and ``x_serve`` in one call, differentiated
     through the training rows only.
 
     Args:
-      fn: ``fn(params, x, rows, consts) -> y`` mapping [R, ...] rows to [R, ...] rows,
-        where no output row depends on an input row of the other part.
+      fn: ``fn(params, x, rows, consts, state, num_train_rows) -> (y, new_state)``
+        mapping [R, ...] rows to [R, ...] rows, where no output row depends on an input
+        row of the other part. In the backward it is called on the training rows alone
+        with ``state=None`` (and ``num_train_rows`` = all of them).
       params: pytree, differentiated.
       x_train: [n, ...], differentiated.
       x_serve: [m, ...], not differentiated.
@@ -56,25 +60,29 @@ def split_rows(
         the backward gives ``fn`` their first n rows.
       consts: pytree, not differentiated (frozen weights; metadata valid for any prefix of
         the rows).
+      state: pytree threaded through the forward only (a layer's KV cache), or None.
 
     Returns:
-      (y_train [n, ...], y_serve [m, ...]); y_serve carries no gradient.
+      (y_train [n, ...], y_serve [m, ...], new_state); y_serve and new_state carry no
+      gradient.
     """
     stop = jax.lax.stop_gradient
-    y_train, y_serve = _split_rows(fn, params, x_train, stop(x_serve), stop(rows), stop(consts))
-    return y_train, stop(y_serve)
+    (y_train, y_serve), new_state = _split_rows(
+        fn, params, x_train, stop(x_serve), stop(rows), stop(consts), stop(state)
+    )
+    return y_train, stop(y_serve), stop(new_state)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _split_rows(fn, params, x_train, x_serve, rows, consts):
+def _split_rows(fn, params, x_train, x_serve, rows, consts, state):
     n = x_train.shape[0]
-    y = fn(params, jnp.concatenate([x_train, x_serve]), rows, consts)
-    return y[:n], y[n:]
+    y, new_state = fn(params, jnp.concatenate([x_train, x_serve]), rows, consts, state, n)
+    return (y[:n], y[n:]), new_state
 
 
-def _split_rows_fwd(fn, params, x_train, x_serve, rows, consts):
+def _split_rows_fwd(fn, params, x_train, x_serve, rows, consts, state):
     train_rows = jax.tree.map(lambda r: r[: x_train.shape[0]], rows)
-    return _split_rows(fn, params, x_train, x_serve, rows, consts), (
+    return _split_rows(fn, params, x_train, x_serve, rows, consts, state), (
         params,
         x_train,
         train_rows,
@@ -84,24 +92,27 @@ def _split_rows_fwd(fn, params, x_train, x_serve, rows, consts):
 
 def _split_rows_bwd(fn, residuals, cotangents):
     params, x_train, train_rows, consts = residuals
-    _, vjp = jax.vjp(lambda p, x: fn(p, x, train_rows, consts), params, x_train)
-    d_params, d_x = vjp(cotangents[0])
-    return d_params, d_x, None, None, None
+    n = x_train.shape[0]
+    _, vjp = jax.vjp(lambda p, x: fn(p, x, train_rows, consts, None, n)[0], params, x_train)
+    d_params, d_x = vjp(cotangents[0][0])
+    return d_params, d_x, None, None, None, None
 
 
 _split_rows.defvjp(_split_rows_fwd, _split_rows_bwd)
 
 
-def _decoder_layer(graphdef, params, x, rows, consts):
-    frozen, lora = consts
-    y, _ = nnx.merge(graphdef, params, frozen)(x, *rows, lora)
-    return y
+def _decoder_layer(graphdef, params, x, rows, consts, kv, num_train_rows):
+    frozen, lora, pages = consts
+    layer = nnx.merge(graphdef, params, frozen)
+    # Without the cache (the backward), every row is a training row.
+    pages = None if kv is None else pages
+    return apply_layer(layer, x, *rows, lora, kv, pages, num_train_rows=num_train_rows)
 
 
-def _final_norm_and_head(graphdef, params, x, rows, consts):
-    del params, rows
+def _final_norm_and_head(graphdef, params, x, rows, consts, state, num_train_rows):
+    del params, rows, state, num_train_rows
     norm, head = nnx.merge(graphdef, consts)
-    return head.attend(norm(x))
+    return head.attend(norm(x)), None
 
 
 def split_logits(
@@ -113,10 +124,13 @@ def split_logits(
     *,
     num_train_rows: int,
     serve_rows: jax.Array | None = None,
-) -> tuple[jax.Array, jax.Array]:
+    cache: KVCache | None = None,
+    pages: PageBatch | None = None,
+) -> tuple[jax.Array, jax.Array, KVCache | None]:
     """Logits of a unified batch: every training row, and the chosen serving rows.
 
-    The same values as ``model(tokens, positions, segment_ids, lora)`` at those rows; the
+    The same values as ``model(tokens, positions, segment_ids, lora)`` at those rows (with
+    a cache, as ``model.hidden(..., cache=cache, pages=pages, num_train_rows=n)``); the
     model's ``LoraParam`` values are differentiated through the training rows only.
 
     Args:
@@ -127,30 +141,36 @@ def split_logits(
       num_train_rows: static n: rows [0, n) train, rows [n, T) serve.
       serve_rows: int32 [M], serving rows (in [n, T)) whose logits to compute; None for
         all of them.
+      cache, pages: the serving rows' KV cache and its addressing, or None.
 
     Returns:
       (float32 [n, V] training logits, float32 [M, V] (or [T - n, V]) serving logits
-      without gradient).
+      without gradient, the updated cache or None).
     """
     n = num_train_rows
     cos, sin = rope_cos_sin(positions, model.config)
     x = model.embed_tokens(tokens)
     x_train, x_serve = x[:n], x[n:]
     rows = (cos, sin, positions, segment_ids)
-    for layer in model.layers:
+    layer_kvs = (None,) * len(model.layers) if cache is None else cache
+    new_cache = []
+    for layer, kv in zip(model.layers, layer_kvs, strict=True):
         graphdef, params, frozen = nnx.split(layer, LoraParam, ...)
-        x_train, x_serve = split_rows(
+        x_train, x_serve, kv = split_rows(
             functools.partial(_decoder_layer, graphdef),
             params,
             x_train,
             x_serve,
             rows,
-            (frozen, lora),
+            (frozen, lora, pages),
+            kv,
         )
+        new_cache.append(kv)
     if serve_rows is not None:
         x_serve = x_serve[serve_rows - n]
     head = model.embed_tokens if model.lm_head is None else model.lm_head
     graphdef, frozen = nnx.split((model.norm, head))
-    return split_rows(
+    train_logits, serve_logits, _ = split_rows(
         functools.partial(_final_norm_and_head, graphdef), (), x_train, x_serve, consts=frozen
     )
+    return train_logits, serve_logits, None if cache is None else tuple(new_cache)

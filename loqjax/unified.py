@@ -1,16 +1,36 @@
-"""The unified step: serving logits and per-adapter training updates in one jitted call.
+"""The unified step: serving and per-adapter training updates in one jitted call.
 
 A ``UnifiedBatch`` packs training sequences into the first ``num_train_rows`` rows and
-serving requests into the rest; capacities are static, lengths and adapter slots are data,
-so one compiled step serves every layout. The step runs the frozen base once over all
-rows, differentiates only the training rows (``split_forward``), turns each adapter
-slot's token losses into gradients and feeds them to a ``SlotOptimizer``:
+serving rows after them. The serving rows are either
 
-  state, out = step(frozen, state, batch)
+* scheduled chunks over a paged KV cache (``UnifiedBatch.pack_cached``): the prefill
+  chunks and decode tokens of the serving scheduler, whose keys and values the step writes
+  to the cache and whose next tokens it samples; or
+* whole sequences without a cache (``UnifiedBatch.pack``), recomputed from position 0,
+  whose next tokens are greedy.
+
+Capacities are static, lengths and adapter slots are data, so one compiled step serves
+every layout. The frozen base runs once over all rows (one matmul per projection per
+layer); only the training rows are differentiated. Each adapter slot's token losses turn
+into gradients for a ``SlotOptimizer``:
+
+  state, cache, out = step(frozen, state, batch, cache)
 
 with ``graphdef, frozen, params = split_model(model)`` done once, ``state =
-TrainState.create(params, optimizer)``, and ``step = make_unified_step(graphdef,
-optimizer)``. The state is donated; the frozen base never changes.
+TrainState.create(params, optimizer)``, ``step = make_unified_step(graphdef, optimizer)``
+and ``cache`` None for batches without a KV cache. The state and the cache are donated;
+the frozen base never changes.
+
+Two backward strategies, a static choice of the step:
+
+* ``"save"`` (default): autodiff keeps the training rows' activations; the base
+  projections' backward runs over the training rows only (``LoraBatch.train_rows``) and
+  the serving rows are cut off before attention and the cache, so serving rows add only
+  elementwise backward work. No forward is recomputed.
+* ``"recompute"``: ``split_forward``: every layer saves only its training-row input and
+  recomputes the training rows in the backward, so serving rows cost no backward work
+  and no saved activation at all, for ~50% more forward matmuls: the choice when
+  activations do not fit.
 
 The training loss of slot s is the mean token cross-entropy over the loss-masked rows of
 its sequences; with gradient accumulation, over those of all its micro-batches since its
@@ -22,19 +42,24 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Callable, Sequence
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from loqjax.kv_cache import KVCache, PageBatch
 from loqjax.lora import LoraBatch, LoraParam
 from loqjax.loss import slot_sums, token_cross_entropy
 from loqjax.model import CausalLM
 from loqjax.optim import SlotOptimizer, SlotOptState
+from loqjax.sampling import SamplingBatch, sample
+from loqjax.serve_step import ServeRows
 from loqjax.split_forward import split_logits
 from pallas_kernels import token_slots
+
+Backward = Literal["save", "recompute"]
 
 
 class TrainSequence(NamedTuple):
@@ -71,14 +96,20 @@ class UnifiedBatch:
     """Training rows [0, n) then serving rows [n, T), with per-row and per-slot metadata.
 
     Attributes:
-      tokens, positions, segment_ids: int32 [T], packed as for ``CausalLM.__call__``.
+      tokens, positions, segment_ids: int32 [T], packed as for ``CausalLM.__call__``;
+        with a cache, the serving rows' positions are cache positions and their segment
+        ids rows of ``pages.page_tables`` (training rows keep their own ids: the two
+        never attend to each other).
       targets: int32 [n], each training row's next token.
       loss_mask: bool [n], training rows that count in the loss.
       lora: each row's adapter slot; ``grad_rows`` = rows of training sequences.
-      sample_rows: int32 [M], the last row of each serving request (spare entries repeat
-        row n; their outputs are garbage).
+      sample_rows: int32 [M], the last row of each serving request (spare entries are
+        garbage rows; ignore their outputs).
       apply: bool [N], slots whose accumulated gradient is applied at this step; the
         others only accumulate.
+      pages: the serving rows' KV cache addressing (training rows write nothing), or
+        None for a batch without a cache.
+      sampling: the serving requests' sampling parameters, or None for greedy.
       num_train_rows: static n.
     """
 
@@ -90,7 +121,9 @@ class UnifiedBatch:
     lora: LoraBatch
     sample_rows: jax.Array
     apply: jax.Array
-    num_train_rows: int = dataclasses.field(metadata=dict(static=True))
+    pages: PageBatch | None = None
+    sampling: SamplingBatch | None = None
+    num_train_rows: int = dataclasses.field(default=0, metadata=dict(static=True))
 
     @classmethod
     def pack(
@@ -105,7 +138,8 @@ class UnifiedBatch:
         num_slots: int,
         accumulate: Sequence[int] = (),
     ) -> UnifiedBatch:
-        """Packs sequences back to back from row 0 and from row ``num_train_rows``.
+        """Packs sequences back to back from row 0 and from row ``num_train_rows``; the
+        serving sequences are recomputed whole, without a cache.
 
         Args:
           train, serve: the sequences, in packing order.
@@ -120,62 +154,169 @@ class UnifiedBatch:
           ValueError: sequences that do not fit, or bad slots or lengths.
         """
         _check_sequences(train, serve, num_slots)
-        train_lengths = np.array([len(s.tokens) for s in train], int)
+        rows = _TrainRows.pack(train, num_train_rows)
         serve_lengths = np.array([len(s.tokens) for s in serve], int)
-        num_train, num_serve = int(train_lengths.sum()), int(serve_lengths.sum())
-        if num_train > num_train_rows or num_serve > num_serve_rows:
+        if serve_lengths.sum() > num_serve_rows:
             raise ValueError(
-                f"{num_train} training and {num_serve} serving tokens exceed capacities "
-                f"{num_train_rows} and {num_serve_rows}"
-            )
-        if len(train) + len(serve) + 1 > num_segments:
-            raise ValueError(
-                f"{len(train)} training and {len(serve)} serving sequences need "
-                f"{len(train) + len(serve) + 1} segments (one pads the training rows); "
-                f"num_segments={num_segments}"
+                f"{serve_lengths.sum()} serving tokens exceed the capacity {num_serve_rows}"
             )
         if len(serve) > num_samples:
             raise ValueError(f"{len(serve)} serving requests exceed num_samples={num_samples}")
         if num_samples and not num_serve_rows:
             raise ValueError("num_samples > 0 needs serving rows")
 
-        num_rows = num_train_rows + num_serve_rows
+        tokens = np.zeros(num_serve_rows, np.int32)
+        positions = np.zeros(num_serve_rows, np.int32)
+        segment_ids = np.full(num_serve_rows, -1, np.int32)
+        starts = np.cumsum(serve_lengths) - serve_lengths
+        for k, (seq, start) in enumerate(zip(serve, starts, strict=True)):
+            end = start + len(seq.tokens)
+            tokens[start:end] = seq.tokens
+            positions[start:end] = np.arange(len(seq.tokens))
+            segment_ids[start:end] = len(train) + k
+        sample_rows = np.full(num_samples, num_train_rows, np.int32)
+        sample_rows[: len(serve)] = num_train_rows + starts + serve_lengths - 1
+        return rows.batch(
+            tokens,
+            positions,
+            segment_ids,
+            serve_lengths,
+            [s.slot for s in serve],
+            sample_rows,
+            num_segments=num_segments,
+            num_slots=num_slots,
+            accumulate=accumulate,
+        )
+
+    @classmethod
+    def pack_cached(
+        cls,
+        train: Sequence[TrainSequence],
+        serve: ServeRows,
+        *,
+        num_train_rows: int,
+        max_train_seqs: int,
+        num_slots: int,
+        accumulate: Sequence[int] = (),
+    ) -> UnifiedBatch:
+        """Training sequences from row 0, then the serving scheduler's chunks over the
+        paged KV cache (``ServeRows.pack``, with its own static T and S).
+
+        Args:
+          train: at most ``max_train_seqs`` training sequences, in packing order.
+          serve: the packed serving rows.
+          num_train_rows: static n.
+          max_train_seqs: static; with S, fixes the ``LoraBatch`` at
+            ``max_train_seqs + 1 + S`` segments.
+          num_slots, accumulate: as for ``pack``.
+
+        Raises:
+          ValueError: sequences that do not fit, or bad slots or lengths.
+        """
+        _check_sequences(train, [], num_slots)
+        if len(train) > max_train_seqs:
+            raise ValueError(f"{len(train)} training sequences exceed {max_train_seqs}")
+        rows = _TrainRows.pack(train, num_train_rows)
+        num_seqs = serve.page_tables.shape[0]
+        dropped = np.full(num_train_rows, np.iinfo(np.int32).max, np.int32)
+        return rows.batch(
+            serve.tokens,
+            serve.positions,
+            serve.segment_ids,
+            serve.lengths,
+            serve.adapter_slots,
+            num_train_rows + serve.logit_rows,
+            num_segments=max_train_seqs + 1 + num_seqs,
+            num_slots=num_slots,
+            accumulate=accumulate,
+            pages=PageBatch(
+                jnp.asarray(serve.page_tables),
+                jnp.asarray(np.concatenate([dropped, serve.cache_slots])),
+            ),
+            sampling=serve.sampling,
+        )
+
+
+class _TrainRows(NamedTuple):
+    """The training half of a unified batch, on the host (see ``UnifiedBatch``)."""
+
+    tokens: np.ndarray
+    positions: np.ndarray
+    segment_ids: np.ndarray
+    targets: np.ndarray
+    loss_mask: np.ndarray
+    lengths: np.ndarray
+    slots: list[int]
+
+    @classmethod
+    def pack(cls, train: Sequence[TrainSequence], num_rows: int) -> _TrainRows:
+        lengths = np.array([len(s.tokens) for s in train], int)
+        if lengths.sum() > num_rows:
+            raise ValueError(f"{lengths.sum()} training tokens exceed the capacity {num_rows}")
         tokens = np.zeros(num_rows, np.int32)
         positions = np.zeros(num_rows, np.int32)
         segment_ids = np.full(num_rows, -1, np.int32)
-        targets = np.zeros(num_train_rows, np.int32)
-        loss_mask = np.zeros(num_train_rows, bool)
-        sample_rows = np.full(num_samples, num_train_rows, np.int32)
-        train_starts = np.cumsum(train_lengths) - train_lengths
-        serve_starts = num_train_rows + np.cumsum(serve_lengths) - serve_lengths
-        placed = zip((*train, *serve), (*train_starts, *serve_starts), strict=True)
-        for k, (seq, start) in enumerate(placed):
+        targets = np.zeros(num_rows, np.int32)
+        loss_mask = np.zeros(num_rows, bool)
+        starts = np.cumsum(lengths) - lengths
+        for k, (seq, start) in enumerate(zip(train, starts, strict=True)):
             end = start + len(seq.tokens)
             tokens[start:end] = seq.tokens
             positions[start:end] = np.arange(len(seq.tokens))
             segment_ids[start:end] = k
-        for seq, start in zip(train, train_starts, strict=True):
             # Row i predicts token i + 1; a sequence's last row predicts nothing.
-            end = start + len(seq.tokens)
             mask = np.ones(end - start, bool) if seq.loss_mask is None else seq.loss_mask
             targets[start : end - 1] = seq.tokens[1:]
             loss_mask[start : end - 1] = mask[1:]
-        sample_rows[: len(serve)] = serve_starts + serve_lengths - 1
+        return cls(
+            tokens, positions, segment_ids, targets, loss_mask, lengths, [s.slot for s in train]
+        )
 
+    def batch(
+        self,
+        serve_tokens,
+        serve_positions,
+        serve_segment_ids,
+        serve_lengths,
+        serve_slots,
+        sample_rows,
+        *,
+        num_segments: int,
+        num_slots: int,
+        accumulate: Sequence[int],
+        pages: PageBatch | None = None,
+        sampling: SamplingBatch | None = None,
+    ) -> UnifiedBatch:
+        """The device batch of these training rows followed by the given serving rows."""
+        num_train_rows = len(self.tokens)
+        num_train = int(self.lengths.sum())
+        if len(self.lengths) + len(serve_lengths) + 1 > num_segments:
+            raise ValueError(
+                f"{len(self.lengths)} training and {len(serve_lengths)} serving sequences "
+                f"need {len(self.lengths) + len(serve_lengths) + 1} segments (one pads the "
+                f"training rows); num_segments={num_segments}"
+            )
         # The training padding is a base-only segment, so serving segments start at row n.
         lora = LoraBatch.pack(
-            [*train_lengths, num_train_rows - num_train, *serve_lengths],
-            [*(s.slot for s in train), -1, *(s.slot for s in serve)],
+            [*self.lengths, num_train_rows - num_train, *serve_lengths],
+            [*self.slots, -1, *serve_slots],
             num_segments,
             grad_rows=num_train,
         )
         apply = np.ones(num_slots, bool)
         apply[list(accumulate)] = False
-        return cls(
-            *map(jnp.asarray, (tokens, positions, segment_ids, targets, loss_mask)),
+        concat = np.concatenate
+        return UnifiedBatch(
+            jnp.asarray(concat([self.tokens, serve_tokens])),
+            jnp.asarray(concat([self.positions, serve_positions])),
+            jnp.asarray(concat([self.segment_ids, serve_segment_ids])),
+            jnp.asarray(self.targets),
+            jnp.asarray(self.loss_mask),
             lora,
-            jnp.asarray(sample_rows),
+            jnp.asarray(sample_rows, jnp.int32),
             jnp.asarray(apply),
+            pages,
+            sampling,
             num_train_rows,
         )
 
@@ -214,7 +355,8 @@ class StepOutput:
 
     Attributes:
       next_logits: float32 [M, V], next-token logits of each serving request.
-      next_tokens: int32 [M], their greedy choice.
+      next_tokens: int32 [M], their next tokens: sampled with the batch's sampling
+        parameters, greedy without.
       serving_logits: float32 [T - n, V], every serving row's logits, or None unless the
         step was made with ``all_serving_logits``.
       loss: float32 [N], each slot's mean token loss in this batch; 0 without tokens.
@@ -248,34 +390,69 @@ def slot_losses(
     frozen: nnx.State,
     params: nnx.State,
     batch: UnifiedBatch,
+    cache: KVCache | None = None,
     *,
+    backward: Backward = "save",
     all_serving_logits: bool = False,
-) -> tuple[jax.Array, tuple[jax.Array, jax.Array, jax.Array]]:
+) -> tuple[jax.Array, tuple[jax.Array, jax.Array, jax.Array, KVCache | None]]:
     """The training objective of a batch and what a step reports alongside.
+
+    Args:
+      cache: the KV cache of a ``pack_cached`` batch, else None.
+      backward: how the training rows are differentiated (see the module docstring).
+      all_serving_logits: return every serving row's logits, not just the sampled rows'.
 
     Returns:
       The sum of every slot's summed token loss (what gets differentiated: its gradient
       w.r.t. slot s's params is that of slot s's own loss) and, as auxiliaries, float32
-      [N] summed token losses, int32 [N] token counts, and the serving logits (float32
-      [M, V], or [T - n, V] with ``all_serving_logits``).
+      [N] summed token losses, int32 [N] token counts, the serving logits (float32
+      [M, V], or [T - n, V] with ``all_serving_logits``) and the updated cache.
     """
+    if (cache is None) != (batch.pages is None):
+        raise ValueError("a batch with pages needs its KV cache, and only such a batch")
     n = batch.num_train_rows
     num_slots = batch.apply.shape[0]
     model = nnx.merge(graphdef, params, frozen)
-    train_logits, serve_logits = split_logits(
-        model,
-        batch.tokens,
-        batch.positions,
-        batch.segment_ids,
-        batch.lora,
-        num_train_rows=n,
-        serve_rows=None if all_serving_logits else batch.sample_rows,
-    )
+    serve_rows = None if all_serving_logits else batch.sample_rows
+    if backward == "save":
+        train_logits, serve_logits, cache = _saved_logits(model, batch, cache, serve_rows)
+    elif backward == "recompute":
+        train_logits, serve_logits, cache = split_logits(
+            model,
+            batch.tokens,
+            batch.positions,
+            batch.segment_ids,
+            batch.lora,
+            num_train_rows=n,
+            serve_rows=serve_rows,
+            cache=cache,
+            pages=batch.pages,
+        )
+    else:
+        raise ValueError(f"backward must be 'save' or 'recompute', got {backward!r}")
     slots = token_slots(batch.lora.seg_ends, batch.lora.seg_slots, n, num_slots)
     losses, counts = slot_sums(
         token_cross_entropy(train_logits, batch.targets), batch.loss_mask, slots, num_slots
     )
-    return jnp.sum(losses), (losses, counts, serve_logits)
+    return jnp.sum(losses), (losses, counts, serve_logits, cache)
+
+
+def _saved_logits(model: CausalLM, batch: UnifiedBatch, cache, serve_rows):
+    """(training logits [n, V], serving logits without gradient, cache) of one forward
+    whose backward covers the training rows only (the ``"save"`` strategy)."""
+    n = batch.num_train_rows
+    out = model.hidden(
+        batch.tokens,
+        batch.positions,
+        batch.segment_ids,
+        dataclasses.replace(batch.lora, train_rows=n),
+        cache=cache,
+        pages=batch.pages,
+        num_train_rows=n,
+    )
+    x, cache = (out, None) if cache is None else out
+    x_serve = jax.lax.stop_gradient(x[n:] if serve_rows is None else x[serve_rows])
+    return model.logits(x[:n]), model.logits(x_serve), cache
 
 
 def unified_step(
@@ -284,14 +461,22 @@ def unified_step(
     frozen: nnx.State,
     state: TrainState,
     batch: UnifiedBatch,
+    cache: KVCache | None = None,
     *,
+    backward: Backward = "save",
     all_serving_logits: bool = False,
-) -> tuple[TrainState, StepOutput]:
+) -> tuple[TrainState, KVCache | None, StepOutput]:
     """One step: serve ``batch``'s requests and train its slots. Pure; see
     ``make_unified_step`` for the jitted form."""
     grad_fn = jax.grad(slot_losses, argnums=2, has_aux=True)
-    grads, (losses, counts, serve_logits) = grad_fn(
-        graphdef, frozen, state.params, batch, all_serving_logits=all_serving_logits
+    grads, (losses, counts, serve_logits, cache) = grad_fn(
+        graphdef,
+        frozen,
+        state.params,
+        batch,
+        cache,
+        backward=backward,
+        all_serving_logits=all_serving_logits,
     )
     params, opt, update = optimizer.update(
         state.params, state.opt, grads, losses, counts, batch.apply
@@ -301,9 +486,13 @@ def unified_step(
         if all_serving_logits
         else serve_logits
     )
+    if batch.sampling is None:
+        next_tokens = jnp.argmax(next_logits, axis=-1).astype(jnp.int32)
+    else:
+        next_tokens = sample(next_logits, batch.sampling)
     out = StepOutput(
         next_logits=next_logits,
-        next_tokens=jnp.argmax(next_logits, axis=-1).astype(jnp.int32),
+        next_tokens=next_tokens,
         serving_logits=serve_logits if all_serving_logits else None,
         loss=jnp.where(counts > 0, losses / jnp.maximum(counts, 1), 0.0),
         num_tokens=counts,
@@ -311,15 +500,24 @@ def unified_step(
         nonfinite=update.nonfinite,
         grad_norm=update.grad_norm,
     )
-    return TrainState(params, opt), out
+    return TrainState(params, opt), cache, out
 
 
 def make_unified_step(
-    graphdef: nnx.GraphDef, optimizer: SlotOptimizer, *, all_serving_logits: bool = False
-) -> Callable[[nnx.State, TrainState, UnifiedBatch], tuple[TrainState, StepOutput]]:
-    """``unified_step`` jitted as ``step(frozen, state, batch) -> (state, out)``, with
-    ``state`` donated. It compiles once per batch capacity."""
+    graphdef: nnx.GraphDef,
+    optimizer: SlotOptimizer,
+    *,
+    backward: Backward = "save",
+    all_serving_logits: bool = False,
+) -> Callable[..., tuple[TrainState, KVCache | None, StepOutput]]:
+    """``unified_step`` jitted as ``step(frozen, state, batch, cache=None) -> (state,
+    cache, out)``, with ``state`` and ``cache`` donated. It compiles once per batch
+    capacity (and once more with a cache)."""
     step = functools.partial(
-        unified_step, graphdef, optimizer, all_serving_logits=all_serving_logits
+        unified_step,
+        graphdef,
+        optimizer,
+        backward=backward,
+        all_serving_logits=all_serving_logits,
     )
-    return jax.jit(step, donate_argnums=1)
+    return jax.jit(step, donate_argnums=(1, 3))

@@ -81,7 +81,7 @@ def train(step_fn, frozen, state, slot, first_step, num_steps, rng, position, vo
             num_slots=NUM_SLOTS,
             accumulate=(slot,) if step % 2 == 0 else (),
         )
-        state, _ = step_fn(frozen, state, batch)
+        state, _, _ = step_fn(frozen, state, batch)
     return state, rng, position
 
 

@@ -23,7 +23,11 @@ from jax.extend import core as jax_core
 
 from loqjax import AdapterRegistry, LoraBatch, add_lora_tables, load_model, load_peft_adapter
 from loqjax import split_forward as split_forward_module
+from loqjax.kv_cache import init_kv_cache
 from loqjax.optim import SlotOptimizer, adamw
+from loqjax.sampling import SamplingParams
+from loqjax.scheduler import EngineConfig, Scheduler, SequenceState
+from loqjax.serve_step import ServeRows
 from loqjax.unified import (
     ServeSequence,
     TrainSequence,
@@ -48,6 +52,7 @@ TOL = 1e-4
 WEIGHT_DECAY, LEARNING_RATE, MAX_GRAD_NORM = 0.1, 1e-2, 1e6
 # Per-slot hyperparameters: mlp clips hard, kou learns slower, the rest use the defaults.
 HYPERPARAMS = {SLOT["mlp"]: dict(max_grad_norm=0.05), SLOT["kou"]: dict(learning_rate=3e-3)}
+GREEDY_PARAMS = SamplingParams(temperature=0.0, max_tokens=4)
 OPTIMIZER = SlotOptimizer(
     adamw(LEARNING_RATE, weight_decay=WEIGHT_DECAY, max_grad_norm=MAX_GRAD_NORM)
 )
@@ -75,7 +80,7 @@ class Setup:
 
     def run(self, state: TrainState, batch: UnifiedBatch):
         """One step: (new state, its host copy, host outputs)."""
-        state, out = self.step(self.frozen, state, batch)
+        state, _, out = self.step(self.frozen, state, batch)
         return state, jax.tree.map(np.asarray, state), jax.tree.map(np.asarray, out)
 
 
@@ -215,7 +220,9 @@ def _tables(tree: nnx.State) -> dict:
     return {key: (m["a"], m["b"]) for key, m in out.items()}
 
 
-def _assert_tables_close(ours: dict, ref: dict, what: str, rank: int | None = None):
+def _assert_tables_close(
+    ours: dict, ref: dict, what: str, rank: int | None = None, tol: float = TOL
+):
     """Every table of ``ref`` matches ours (cut to ``rank``); zero where ref is zero."""
     for key, (ref_a, ref_b) in ref.items():
         a, b = ours[key]
@@ -226,13 +233,13 @@ def _assert_tables_close(ours: dict, ref: dict, what: str, rank: int | None = No
                 assert not x.any(), f"{what} {key}: nonzero where the reference is zero"
                 continue
             err = rel_err(x, y)
-            assert err < TOL, f"{what} {key}: rel err {err:.2e}"
+            assert err < tol, f"{what} {key}: rel err {err:.2e}"
 
 
-def _assert_moved_alike(new, ref_new, old, what: str):
+def _assert_moved_alike(new, ref_new, old, what: str, tol: float = TOL):
     """One slot's tables moved from ``old`` to ``new`` as they did to ``ref_new``."""
     delta, ref_delta = (_tables(jax.tree.map(np.subtract, t, old)) for t in (new, ref_new))
-    _assert_tables_close(delta, ref_delta, what)
+    _assert_tables_close(delta, ref_delta, what, tol=tol)
 
 
 def _slot_bits_equal(a, b, slot: int) -> bool:
@@ -365,7 +372,10 @@ def test_applied_updates_equal_optax_adamw_by_hand(setup, accumulated):
     tx, opt_state, params = by_hand[all_rs]
     updates, _ = tx.update(_slot_tree(grads, all_rs), opt_state, params)
     ref = optax.apply_updates(params, updates)
-    _assert_moved_alike(_slot_tree(second.params, all_rs), ref, params, "2nd")
+    # Adam divides each moment by its own RMS, so entries whose gradients are near zero
+    # turn float32 rounding differences (a differently compiled reference gradient) into
+    # visible update differences: a looser bound than for the raw gradients.
+    _assert_moved_alike(_slot_tree(second.params, all_rs), ref, params, "2nd", tol=3 * TOL)
 
 
 def test_nonfinite_slot_is_skipped_and_reported(setup, applied):
@@ -465,22 +475,24 @@ def _dots_on_serving_rows(jaxpr: jax_core.Jaxpr) -> int:
     return count
 
 
-def _unpruned_split_rows(fn, params, x_train, x_serve, rows=(), consts=()):
+def _unpruned_split_rows(fn, params, x_train, x_serve, rows=(), consts=(), state=None):
     """What plain autodiff would do: stop the serving rows and slice."""
     n = x_train.shape[0]
-    y = fn(params, jnp.concatenate([x_train, jax.lax.stop_gradient(x_serve)]), rows, consts)
-    return y[:n], jax.lax.stop_gradient(y[n:])
+    x = jnp.concatenate([x_train, jax.lax.stop_gradient(x_serve)])
+    y, state = fn(params, x, rows, consts, state, n)
+    return y[:n], jax.lax.stop_gradient(y[n:]), state
 
 
-def test_backward_never_touches_serving_rows(setup, monkeypatch):
-    """Differentiating the step adds no matmul over serving rows to the forward's, and
-    saves no serving-row residual; stopping the serving rows' gradient alone would do
-    both (which shows that the checks can see them)."""
+def test_recompute_backward_never_touches_serving_rows(setup, monkeypatch):
+    """With the "recompute" backward, differentiating the step adds no matmul over
+    serving rows to the forward's, and saves no serving-row residual; stopping the
+    serving rows' gradient alone would do both (which shows that the checks can see
+    them)."""
     batch = _batch(_mixed_train(setup), _mixed_serve(setup))
     params = jax.tree.map(jnp.asarray, setup.host_params)
 
     def loss(params):
-        return slot_losses(setup.graphdef, setup.frozen, params, batch)[0]
+        return slot_losses(setup.graphdef, setup.frozen, params, batch, backward="recompute")[0]
 
     def serving_work():
         forward = _dots_on_serving_rows(jax.make_jaxpr(loss)(params).jaxpr)
@@ -504,7 +516,7 @@ def test_all_serving_logits(setup, accumulated, lora_forward):
     """A step made with ``all_serving_logits`` also returns every serving row's logits."""
     batch, before, _, out = accumulated
     step = make_unified_step(setup.graphdef, OPTIMIZER, all_serving_logits=True)
-    _, all_out = step(setup.frozen, jax.tree.map(jnp.asarray, before), batch)
+    _, _, all_out = step(setup.frozen, jax.tree.map(jnp.asarray, before), batch)
     serve = _mixed_serve(setup)
     lengths = [len(s.tokens) for s in serve]
     model = nnx.merge(setup.graphdef, jax.tree.map(jnp.asarray, before.params), setup.frozen)
@@ -554,8 +566,8 @@ def test_pack_layout():
 @pytest.mark.parametrize(
     "train, serve, overrides, match",
     [
-        ([TrainSequence(0, np.arange(7))], [], {}, "7 training and 0 serving tokens exceed"),
-        ([], [ServeSequence(0, np.arange(5))], {}, "0 training and 5 serving tokens exceed"),
+        ([TrainSequence(0, np.arange(7))], [], {}, "7 training tokens exceed the capacity 6"),
+        ([], [ServeSequence(0, np.arange(5))], {}, "5 serving tokens exceed the capacity 4"),
         ([TrainSequence(3, np.arange(2))], [], {}, r"training slot 3 is outside \[0, 3\)"),
         ([TrainSequence(-1, np.arange(2))], [], {}, "training slot -1"),
         ([], [ServeSequence(-2, np.arange(2))], {}, r"serving slot -2 is outside \[-1, 3\)"),
@@ -574,3 +586,75 @@ def test_pack_layout():
 def test_pack_rejects(train, serve, overrides, match):
     with pytest.raises(ValueError, match=match):
         _pack(train, serve, **overrides)
+
+
+# --- serving rows over the paged KV cache -------------------------------------------------
+
+CACHE = EngineConfig(
+    token_capacity=SERVE_ROWS, max_seqs=NUM_SAMPLES, page_size=4, num_pages=24, max_seq_len=16
+)
+MAX_TRAIN_SEQS = 4
+
+
+def _cached(setup, train, scheduler, accumulate=()) -> UnifiedBatch:
+    chunks = scheduler.schedule()
+    slots = [-1 if c.seq.adapter is None else SLOT[c.seq.adapter] for c in chunks]
+    rows = ServeRows.pack(chunks, slots, CACHE, setup.vocab_size)
+    batch = UnifiedBatch.pack_cached(
+        train,
+        rows,
+        num_train_rows=TRAIN_ROWS,
+        max_train_seqs=MAX_TRAIN_SEQS,
+        num_slots=LORA_NUM_SLOTS,
+        accumulate=accumulate,
+    )
+    return batch, chunks
+
+
+@pytest.mark.parametrize("backward", ["save", "recompute"])
+def test_cached_serving_rows_serve_and_train_like_recomputed_ones(
+    setup, accumulated, lora_forward, backward
+):
+    """The mixed batch with its requests prefilled into a paged KV cache gives the same
+    losses, gradients and next tokens as with the requests recomputed whole; a decode step
+    over the cache then gives the logits of a plain forward over prompt and token."""
+    _, before, after, out = accumulated
+    model = nnx.merge(setup.graphdef, jax.tree.map(jnp.asarray, before.params), setup.frozen)
+    cache = init_kv_cache(model.config, CACHE.num_pages, CACHE.page_size, jnp.float32)
+    scheduler = Scheduler(CACHE)
+    serve = _mixed_serve(setup)
+    for i, seq in enumerate(serve):
+        adapter = None if seq.slot < 0 else NAME[seq.slot]
+        tokens = list(seq.tokens)
+        scheduler.add(SequenceState(i, tokens, len(tokens), adapter, GREEDY_PARAMS, 0))
+    step = make_unified_step(setup.graphdef, OPTIMIZER, backward=backward)
+
+    batch, chunks = _cached(setup, _mixed_train(setup), scheduler, accumulate=SLOTS)
+    assert [c.length for c in chunks] == [len(s.tokens) for s in serve]  # whole prompts
+    state, cache, prefill = step(setup.frozen, setup.fresh_state(), batch, cache)
+    prefill, grad_sum = jax.tree.map(np.asarray, (prefill, state.opt.grad_sum))
+    np.testing.assert_allclose(prefill.loss, out.loss, rtol=1e-5)
+    np.testing.assert_array_equal(prefill.num_tokens, out.num_tokens)
+    for got, want in zip(
+        jax.tree.leaves(grad_sum), jax.tree.leaves(after.opt.grad_sum), strict=True
+    ):
+        assert rel_err(got, want) < TOL if np.any(want) else not np.any(got)
+    n = len(serve)
+    assert rel_err(prefill.next_logits[:n], out.next_logits[:n]) < 1e-5
+    np.testing.assert_array_equal(prefill.next_tokens[:n], out.next_tokens[:n])
+
+    for chunk, token in zip(chunks, prefill.next_tokens, strict=False):
+        chunk.seq.num_computed = chunk.stop
+        chunk.seq.token_ids.append(int(token))
+    batch, chunks = _cached(setup, [], scheduler)
+    assert [c.length for c in chunks] == [1] * n  # decode rows
+    _, _, decode = step(setup.frozen, state, batch, cache)
+    whole = [np.asarray(c.seq.token_ids, np.int32) for c in chunks]
+    lengths = [len(w) for w in whole]
+    ref = lora_forward(
+        model,
+        *pack(whole, [0] * n),
+        LoraBatch.pack(lengths, [s.slot for s in serve], NUM_SEGMENTS),
+    )
+    ref = np.asarray(ref)[np.cumsum(lengths) - 1]
+    assert rel_err(np.asarray(decode.next_logits)[:n], ref) < 1e-5

@@ -11,6 +11,7 @@ from loqjax import (
     AdapterRegistry,
     DatasetError,
     DuplicateJobError,
+    EngineConfig,
     FineTuneJob,
     InvalidPromptError,
     InvalidSamplingParamsError,
@@ -101,7 +102,8 @@ def runtime():
     """A runtime training "upper" (never stepped, so the job stays running)."""
     _, model = load_model(DEFAULT_MODEL)
     add_lora_tables(model, num_slots=2, max_rank=4)
-    config = RuntimeConfig(train_rows=64, serve_rows=32, max_train_seqs=4, max_serve_seqs=2)
+    serving = EngineConfig(token_capacity=32, max_seqs=2, page_size=8, num_pages=16, max_seq_len=32)
+    config = RuntimeConfig(serving=serving, train_rows=64, max_train_seqs=4)
     runtime = Runtime(
         model, AdapterRegistry(model), load_tokenizer(DEFAULT_MODEL), config, progress=False
     )
@@ -146,12 +148,13 @@ def test_bad_job_dataset_changes_nothing(runtime):
 
 # case -> (submit arguments, error, match)
 BAD_RUNTIME_REQUESTS = {
-    "unknown adapter": ((["ab"], "nope"), UnknownAdapterError, "'nope'"),
+    "unknown adapter": (("ab", "nope"), UnknownAdapterError, "'nope'"),
     "empty text": (("",), InvalidPromptError, "the prompt is empty"),
     "empty ids": (([],), InvalidPromptError, "the prompt is empty"),
     "id = vocab": (([1, 259],), InvalidPromptError, r"\[259\] are outside the vocabulary"),
     "negative id": (([-3],), InvalidPromptError, r"\[-3\] are outside the vocabulary"),
-    "too long": (([5] * 40,), PromptTooLongError, "do not fit 32 serving rows"),
+    "too long": (([5] * 32,), PromptTooLongError, "the prompt has 32 tokens; max_seq_len=32"),
+    "not sampling params": (("ab", None, "greedy"), InvalidSamplingParamsError, "got str"),
 }
 
 
@@ -159,10 +162,3 @@ def test_bad_runtime_requests(runtime):
     for args, error, match in BAD_RUNTIME_REQUESTS.values():
         TRIED["explicit bad runtime requests"] += 1
         _unchanged(runtime, lambda a=args: runtime.submit(*a), error, match)
-    TRIED["explicit bad runtime requests"] += 1
-    _unchanged(
-        runtime,
-        lambda: runtime.submit("ab", max_new_tokens=0),
-        InvalidSamplingParamsError,
-        "max_new_tokens must be an integer >= 1",
-    )
