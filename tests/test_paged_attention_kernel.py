@@ -49,11 +49,24 @@ class Variant(NamedTuple):
     dtype: type
     window: int | None
     blocks: tuple[AttentionBlocks, AttentionBlocks]  # (decode, prefill)
+    page_size: int = PAGE_SIZE  # the context stays MAX_CONTEXT; the pool the same size
+
+    def batch(self, layout) -> Batch:
+        pages_per_seq = MAX_CONTEXT // self.page_size
+        return make_batch(
+            layout,
+            self.group,
+            self.dtype,
+            pages_per_seq=pages_per_seq,
+            page_size=self.page_size,
+            num_pages=NUM_PAGES * PAGES_PER_SEQ // pages_per_seq,
+        )
 
 
 VARIANTS = {
     "g1-f32": Variant(1, jnp.float32, None, SPLIT_DECODE),
-    "g2-f32-win5": Variant(2, jnp.float32, 5, SPLIT_PREFILL),
+    # Pages of 32 keys: each 16-key block reads half a page.
+    "g2-f32-win5-page32": Variant(2, jnp.float32, 5, SPLIT_PREFILL, page_size=32),
     "g4-f32-win20": Variant(4, jnp.float32, 20, SPLIT_DECODE),
     "g1-bf16-win20": Variant(1, jnp.bfloat16, 20, SPLIT_PREFILL),
     "g2-bf16": Variant(2, jnp.bfloat16, None, SPLIT_DECODE),
@@ -194,15 +207,15 @@ def check_against_reference(batch: Batch, variant: Variant):
 @given(layout=layouts())
 def test_kernel_matches_reference(name, layout):
     variant = VARIANTS[name]
-    check_against_reference(make_batch(layout, variant.group, variant.dtype), variant)
+    check_against_reference(variant.batch(layout), variant)
 
 
 @settings(max_examples=6, deadline=None)
 @given(layout=layouts())
 def test_default_blocks_and_padded_group_match_reference(layout):
-    """The default tiling (one key block per tile here), with a group of 3 q heads padded
-    to 4 in the dot's M side."""
-    batch = make_batch(layout, 3, jnp.float32)
+    """The default tiling (one key block per tile here) on pages of 16, with a group of 3
+    q heads padded to 4 in the dot's M side."""
+    batch = make_batch(layout, 3, jnp.float32, pages_per_seq=4, page_size=16, num_pages=32)
     out = np.asarray(fast_jit(paged_attention, *batch[:6], interpret=True))
     want = reference(batch, None)
     rows = batch.q_seg >= 0
@@ -227,13 +240,14 @@ def test_non_finite_visible_value_stays_in_its_sequence(
     that sequence the reference poisons (those that see it, in that kv head's group) and
     leaves every other output bit for bit as it was."""
     variant = VARIANTS[name]
-    clean = make_batch(layout, variant.group, variant.dtype)
+    clean = variant.batch(layout)
     seg, pages, first_row, start, stop = clean.visible[which % len(clean.visible)]
     rng = np.random.default_rng(spot)
     position = int(rng.integers(0, stop))
     head, dim = int(rng.integers(NUM_KV_HEADS)), int(rng.integers(HEAD_DIM[variant.dtype]))
     pool = (clean.k if into_keys else clean.v).copy()
-    pool[pages[position // PAGE_SIZE], position % PAGE_SIZE, head, dim] = value
+    page, offset = pages[position // variant.page_size], position % variant.page_size
+    pool[page, offset, head, dim] = value
     bad = clean._replace(**{"k" if into_keys else "v": pool})
 
     before, after = run_kernel(clean, variant), run_kernel(bad, variant)
@@ -303,14 +317,17 @@ GPU_ROWS, GPU_SEQS, GPU_PAGE, GPU_PAGES_PER_SEQ, GPU_KV_HEADS, GPU_GROUP = 384, 
 GPU_NUM_PAGES = GPU_SEQS * GPU_PAGES_PER_SEQ + 64
 
 
-def realistic_operands(dtype=jnp.bfloat16):
-    """Abstract operands of the realistic step."""
-    pool = jax.ShapeDtypeStruct((GPU_NUM_PAGES, GPU_PAGE, GPU_KV_HEADS, 128), dtype)
+def realistic_operands(page_size: int, dtype=jnp.bfloat16):
+    """Abstract operands of the realistic step, pools of the same size in pages of
+    ``page_size``."""
+    pages_per_seq = GPU_PAGES_PER_SEQ * GPU_PAGE // page_size
+    num_pages = GPU_NUM_PAGES * GPU_PAGE // page_size
+    pool = jax.ShapeDtypeStruct((num_pages, page_size, GPU_KV_HEADS, 128), dtype)
     return (
         jax.ShapeDtypeStruct((GPU_ROWS, GPU_KV_HEADS * GPU_GROUP, 128), dtype),
         pool,
         pool,
-        jax.ShapeDtypeStruct((GPU_SEQS, GPU_PAGES_PER_SEQ), jnp.int32),
+        jax.ShapeDtypeStruct((GPU_SEQS, pages_per_seq), jnp.int32),
         jax.ShapeDtypeStruct((GPU_ROWS,), jnp.int32),
         jax.ShapeDtypeStruct((GPU_ROWS,), jnp.int32),
     )
@@ -328,8 +345,11 @@ def realistic_blocks(decode_splits, prefill_splits):
     )
 
 
-@pytest.mark.parametrize(("window", "decode_splits", "prefill_splits"), GPU_CASES)
-def test_lowers_to_valid_triton_ir(monkeypatch, window, decode_splits, prefill_splits):
+@pytest.mark.parametrize(
+    ("window", "decode_splits", "prefill_splits", "page_size"),
+    [(*case, GPU_PAGE) for case in GPU_CASES] + [(None, None, 1, 8), (None, 4, 1, 128)],
+)
+def test_lowers_to_valid_triton_ir(monkeypatch, window, decode_splits, prefill_splits, page_size):
     """On any host: both kernels lower through Pallas' Triton backend at Llama-3-8B shapes
     and the Triton modules verify. Compiling them to PTX and running them needs a GPU
     (the gpu-marked test below)."""
@@ -348,7 +368,7 @@ def test_lowers_to_valid_triton_ir(monkeypatch, window, decode_splits, prefill_s
     blocks = realistic_blocks(decode_splits, prefill_splits)
     text = (
         paged_attention.trace(
-            *realistic_operands(), sliding_window=window, interpret=False, **blocks
+            *realistic_operands(page_size), sliding_window=window, interpret=False, **blocks
         )
         .lower(lowering_platforms=("cuda",))
         .as_text()
