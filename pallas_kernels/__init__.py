@@ -1,4 +1,5 @@
-"""Pallas GPU kernels for segmented multi-LoRA matmul (SMLM), forward and backward.
+"""Pallas GPU kernels for segmented multi-LoRA matmul (SMLM), forward and backward, and
+paged attention for the serving step (forward).
 
 Every kernel also runs with ``interpret=True`` (the default off-GPU), which is
 how the CPU test suite exercises them.
@@ -6,6 +7,13 @@ how the CPU test suite exercises them.
 
 from pallas_kernels.expand import segment_expand
 from pallas_kernels.outer import segment_outer
+from pallas_kernels.paged_attention import (
+    AttentionBlocks,
+    QueryTiles,
+    TilePlan,
+    paged_attention,
+    plan_query_tiles,
+)
 from pallas_kernels.reference import smlm_reference
 from pallas_kernels.segments import (
     RowTiles,
@@ -19,9 +27,14 @@ from pallas_kernels.shrink import segment_shrink
 from pallas_kernels.smlm import smlm
 
 __all__ = [
+    "AttentionBlocks",
+    "QueryTiles",
     "RowTiles",
     "SlotChunks",
+    "TilePlan",
     "normalize_segments",
+    "paged_attention",
+    "plan_query_tiles",
     "plan_row_tiles",
     "plan_slot_chunks",
     "segment_expand",
