@@ -285,6 +285,8 @@ class Engine:
         prompt: Prompt,
         adapter: str | None = None,
         sampling: SamplingParams | None = None,
+        *,
+        arrival: float | None = None,
     ) -> RequestHandle:
         """Queues a request; it runs as ``step()`` is called.
 
@@ -293,6 +295,8 @@ class Engine:
             tokenizer's chat template, with the generation prompt), or token ids.
           adapter: a name loaded in the registry, or None for the base model.
           sampling: default ``SamplingParams()``.
+          arrival: when the request arrived, on the engine's clock (default now): a
+            front end that queued it passes its arrival, which its latencies count from.
 
         Raises:
           InvalidPromptError: empty, malformed or out-of-vocabulary prompt, or text
@@ -337,7 +341,8 @@ class Engine:
         if not params.ignore_eos:
             stop_ids.update(self.eos_token_ids)
         text = None if self.tokenizer is None else TextStream(self.tokenizer, params.stop)
-        request = _Request(seq, frozenset(stop_ids), text, self.config.max_seq_len, self.clock())
+        arrival = self.clock() if arrival is None else arrival
+        request = _Request(seq, frozenset(stop_ids), text, self.config.max_seq_len, arrival)
         self._requests[seq.request_id] = request
         self._scheduler.add(seq)
         return RequestHandle(self, request)

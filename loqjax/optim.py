@@ -12,6 +12,12 @@ micro-steps together with token counts; an update applies the accumulated sum di
 the count, so k micro-steps equal one step on their union batch, the loss being the mean
 over all of a slot's loss tokens. Slots change only where ``jnp.where`` on the slot axis
 selects them: the params and state of every other slot stay bit-identical.
+
+Low-precision tables (bf16 adapters, computed in the base's dtype) keep a float32 master
+copy in the optimizer state: the transformation updates the master, and the tables get
+its rounding. Updating bf16 weights in place would lose every update below their 8-bit
+mantissa's resolution (a 2e-5 learning rate moves a 0.01 weight by 0.2% of it: nothing).
+Hyperparameters are float32 whatever the params' dtype (bf16 would round b2 = 0.999 to 1).
 """
 
 from __future__ import annotations
@@ -41,7 +47,7 @@ def adamw(
     Every argument is a per-slot hyperparameter (see ``SlotOptimizer.set_hyperparams``);
     a schedule runs on each slot's own step count. ``max_grad_norm=inf`` disables clipping.
     """
-    return optax.inject_hyperparams(_clipped_adamw)(
+    return optax.inject_hyperparams(_clipped_adamw, hyperparam_dtype=jnp.float32)(
         learning_rate=learning_rate,
         weight_decay=weight_decay,
         max_grad_norm=max_grad_norm,
@@ -74,6 +80,13 @@ def slot_where(mask: jax.Array, new, old):
     )
 
 
+def _master_of(params: optax.Params) -> optax.Params | None:
+    """A float32 copy of ``params`` if any leaf is of lower precision, else None."""
+    if all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(params)):
+        return None
+    return jax.tree.map(lambda p: p.astype(jnp.float32), params)
+
+
 class SlotOptState(NamedTuple):
     """Optimizer state of N slots; every leaf has the slot axis first.
 
@@ -82,11 +95,14 @@ class SlotOptState(NamedTuple):
       grad_sum: float32, like the params: gradient sums accumulated since the slot's last
         update.
       num_tokens: int32 [N], the loss tokens behind ``grad_sum``.
+      master: float32 copy of low-precision params, which the transformation updates;
+        None when every param is float32.
     """
 
     inner: optax.OptState
     grad_sum: optax.Params
     num_tokens: jax.Array
+    master: optax.Params | None = None
 
 
 @jax.tree_util.register_dataclass
@@ -123,8 +139,12 @@ class SlotOptimizer:
         """Fresh state for ``params`` (leaves [N, ...])."""
         grad_sum = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
         num_slots = jax.tree.leaves(params)[0].shape[0]
+        master = _master_of(params)
         return SlotOptState(
-            jax.vmap(self.tx.init)(params), grad_sum, jnp.zeros((num_slots,), jnp.int32)
+            jax.vmap(self.tx.init)(params if master is None else master),
+            grad_sum,
+            jnp.zeros((num_slots,), jnp.int32),
+            master,
         )
 
     def update(
@@ -167,17 +187,24 @@ class SlotOptimizer:
         ready = apply & (total > 0)
 
         denominator = jnp.maximum(total, 1).astype(jnp.float32)
+        weights = params if state.master is None else state.master
         mean_grads = jax.tree.map(
             lambda s, p: (s / denominator.reshape((-1,) + (1,) * (s.ndim - 1))).astype(p.dtype),
             grad_sum,
-            params,
+            weights,
         )
-        updates, inner = jax.vmap(self.tx.update)(mean_grads, state.inner, params)
-        new_params = slot_where(ready, optax.apply_updates(params, updates), params)
+        updates, inner = jax.vmap(self.tx.update)(mean_grads, state.inner, weights)
+        new_weights = slot_where(ready, optax.apply_updates(weights, updates), weights)
+        if state.master is None:
+            new_params, master = new_weights, None
+        else:
+            rounded = jax.tree.map(lambda m, p: m.astype(p.dtype), new_weights, params)
+            new_params, master = slot_where(ready, rounded, params), new_weights
         new_state = SlotOptState(
             slot_where(ready, inner, state.inner),
             slot_where(ready, jax.tree.map(jnp.zeros_like, grad_sum), grad_sum),
             jnp.where(ready, 0, total),
+            master,
         )
         grad_norm = jnp.where(ready, slot_norms(mean_grads), 0.0)
         return new_params, new_state, SlotUpdate(ready, nonfinite, grad_norm)
@@ -211,6 +238,10 @@ class SlotOptimizer:
 
         Host-side, between steps; ``state`` is donated.
         """
-        fresh = self.tx.init(jax.tree.map(lambda p: p[slot], params))
+        weights = jax.tree.map(lambda p: p[slot], params)
+        master = None if state.master is None else _master_of(weights)
+        fresh = self.tx.init(weights if master is None else master)
         grad_sum = jax.tree.map(lambda s: jnp.zeros(s.shape[1:], s.dtype), state.grad_sum)
-        return write_slot(state, np.int32(slot), SlotOptState(fresh, grad_sum, np.int32(0)))
+        return write_slot(
+            state, np.int32(slot), SlotOptState(fresh, grad_sum, np.int32(0), master)
+        )

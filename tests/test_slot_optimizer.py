@@ -130,3 +130,24 @@ def test_set_hyperparams_and_reset_slot():
     np.testing.assert_allclose(state.inner.hyperparams["learning_rate"], [1e-3] * 3)
     assert not any(np.asarray(leaf)[1].any() for leaf in jax.tree.leaves(state.inner.inner_state))
     assert [_bits(state, slot) for slot in (0, 2)] == kept
+
+
+def test_bf16_tables_train_through_a_float32_master():
+    """Updates far below bf16's resolution accumulate in the float32 master and reach the
+    bf16 tables once they add up; other slots keep their bits. AdamW's hyperparameters
+    stay float32 (bf16 rounds b2 = 0.999 to 1, which would divide by zero)."""
+    params = {"w": jnp.ones((NUM_SLOTS, 4), jnp.bfloat16)}
+    optimizer = SlotOptimizer(optax.sgd(1e-4))
+    state = optimizer.init(params)
+    assert state.master["w"].dtype == jnp.float32
+    grads = {"w": jnp.ones((NUM_SLOTS, 4), jnp.bfloat16)}
+    apply = jnp.array([True, False, False])
+    counts = jnp.array([1, 0, 0], jnp.int32)
+    for _ in range(40):
+        params, state, _ = optimizer.update(params, state, grads, jnp.zeros(3), counts, apply)
+    np.testing.assert_allclose(state.master["w"][0], 1 - 40e-4, rtol=1e-6)
+    np.testing.assert_array_equal(params["w"][0], jnp.full(4, 1 - 40e-4, jnp.bfloat16))
+    assert _bits(params, 1) == _bits({"w": jnp.ones((NUM_SLOTS, 4), jnp.bfloat16)}, 1)
+
+    hyperparams = SlotOptimizer(adamw()).init(params).inner.hyperparams
+    assert all(v.dtype == jnp.float32 for v in hyperparams.values())

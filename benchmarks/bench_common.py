@@ -1,0 +1,209 @@
+"""Shared pieces of the end-to-end benchmarks: the Llama-3-8B-shaped model with random
+weights, random adapters, device ceilings, and JSON rows.
+
+The model is built directly on the device: its parameters' shapes come from
+``nnx.eval_shape`` and one jitted call draws them (normal(0, 0.02); norm scales 1), so the
+8B parameters never exist on the host. ``--tiny`` configurations exercise every path on a
+CPU (interpreted kernels) in seconds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from loqjax import CausalLM, LoraAdapter, ModelConfig
+from loqjax.lora import TARGET_MODULES
+
+LLAMA3_8B = ModelConfig(
+    vocab_size=128256,
+    hidden_size=4096,
+    intermediate_size=14336,
+    num_layers=32,
+    num_heads=32,
+    num_kv_heads=8,
+    head_dim=128,
+    rope_theta=500000.0,
+    rms_norm_eps=1e-5,
+    max_position_embeddings=8192,
+)
+TINY = ModelConfig(
+    vocab_size=512,
+    hidden_size=64,
+    intermediate_size=128,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=16,
+    max_position_embeddings=8192,
+)
+GIB = 2**30
+
+
+def model_config(tiny: bool) -> ModelConfig:
+    return TINY if tiny else LLAMA3_8B
+
+
+def random_model(config: ModelConfig, dtype=jnp.bfloat16, seed: int = 0) -> CausalLM:
+    """A ``CausalLM`` of ``config`` with random weights drawn on the default device."""
+    abstract = nnx.eval_shape(lambda: CausalLM(config, param_dtype=dtype, rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(abstract)
+    leaves, treedef = jax.tree.flatten(state)
+
+    @jax.jit
+    def draw(key):
+        keys = jax.random.split(key, len(leaves))
+        return [
+            jnp.ones(leaf.shape, leaf.dtype)
+            if leaf.ndim == 1  # norm scales (no bias in this config)
+            else (0.02 * jax.random.normal(k, leaf.shape, jnp.float32)).astype(leaf.dtype)
+            for k, leaf in zip(keys, leaves, strict=True)
+        ]
+
+    return nnx.merge(graphdef, jax.tree.unflatten(treedef, draw(jax.random.key(seed))))
+
+
+def num_matmul_params(config: ModelConfig) -> int:
+    """Parameters that take part in a token's matmuls: every projection and the head."""
+    d, f, hd = config.hidden_size, config.intermediate_size, config.head_dim
+    attention = d * hd * (2 * config.num_heads + 2 * config.num_kv_heads)
+    return config.num_layers * (attention + 3 * d * f) + config.vocab_size * d
+
+
+def random_adapter(model: CausalLM, rank: int, alpha: float, seed: int) -> LoraAdapter:
+    """A random adapter on all seven projections: A ~ U(+-1/sqrt(d_in)) like PEFT's init,
+    B ~ normal(0, 0.02) instead of PEFT's zeros, so that it changes the output (the cost is
+    the same)."""
+    rng = np.random.default_rng(seed)
+    weights = {}
+    for i, layer in enumerate(model.layers):
+        for name, parent in TARGET_MODULES.items():
+            d_in, d_out = getattr(getattr(layer, parent), name).kernel.shape
+            bound = 1.0 / np.sqrt(d_in)
+            a = rng.uniform(-bound, bound, (d_in, rank)).astype(np.float32)
+            b = (0.02 * rng.standard_normal((rank, d_out))).astype(np.float32)
+            weights[i, name] = (a, b)
+    return LoraAdapter(rank, alpha, weights)
+
+
+def load_adapters(registry, model: CausalLM, count: int, rank: int = 8, alpha: float = 16.0):
+    """Loads adapters "a0" .. "a{count-1}" into their own slots. Four distinct random
+    weight sets are cycled (drawing 64 distinct 8B-sized adapters costs host time; a
+    kernel's cost does not depend on the values it reads)."""
+    distinct = [random_adapter(model, rank, alpha, seed) for seed in range(min(count, 4))]
+    for i in range(count):
+        registry.load(f"a{i}", distinct[i % len(distinct)])
+    return [f"a{i}" for i in range(count)]
+
+
+def device_name() -> str:
+    device = jax.devices()[0]
+    return getattr(device, "device_kind", device.platform)
+
+
+def measure_ceilings(tiny: bool) -> dict:
+    """The device's bf16 matmul rate and copy bandwidth, measured now (median of 5).
+
+    A chain of dependent matmuls (8192^3) and of copies of a 2 GiB array (bytes read plus
+    written), on random data."""
+    n, copy_elems, iters = (256, 2**20, 2) if tiny else (8192, 2**30, 10)
+    a = jax.random.normal(jax.random.key(1), (n, n), jnp.bfloat16)
+    x = jax.random.normal(jax.random.key(2), (copy_elems,), jnp.bfloat16)
+
+    @jax.jit
+    def matmuls(a):
+        def body(_, c):
+            return (c @ a).astype(jnp.bfloat16) * 0.01
+
+        return jax.lax.fori_loop(0, iters, body, a)
+
+    @jax.jit
+    def copies(x):
+        return jax.lax.fori_loop(0, iters, lambda _, y: y[::-1] + 1, x)
+
+    def median_time(fn, arg):
+        fn(arg).block_until_ready()
+        times = []
+        for _ in range(5):
+            start = time.perf_counter()
+            fn(arg).block_until_ready()
+            times.append(time.perf_counter() - start)
+        return float(np.median(times))
+
+    matmul_s = median_time(matmuls, a) / iters
+    copy_s = median_time(copies, x) / iters
+    return {
+        "matmul_tflops": 2 * n**3 / matmul_s / 1e12,
+        "copy_tb_per_s": 2 * 2 * copy_elems / copy_s / 1e12,
+    }
+
+
+def peak_memory_gib() -> float | None:
+    stats = jax.devices()[0].memory_stats() or {}
+    peak = stats.get("peak_bytes_in_use")
+    return None if peak is None else peak / GIB
+
+
+class Rows:
+    """JSON rows of a benchmark: each appended to ``path`` (if any) at once, flushed, so a
+    run cut short keeps what it measured; ``table`` prints them."""
+
+    def __init__(self, benchmark: str, path: str | None):
+        self.benchmark = benchmark
+        self.path = None if path is None else Path(path)
+        self.rows: list[dict] = []
+        self.context = {
+            "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            "device": device_name(),
+            "jax": jax.__version__,
+            "python": platform.python_version(),
+            "command": shlex.join([sys.executable, *sys.argv]),
+        }
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def add(self, **fields) -> dict:
+        row = {"benchmark": self.benchmark, **fields, **self.context}
+        self.rows.append(row)
+        print(json.dumps({k: v for k, v in row.items() if k not in self.context}), flush=True)
+        if self.path is not None:
+            with self.path.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+        return row
+
+    def table(self, columns: list[str]) -> None:
+        print("\n" + " | ".join(columns))
+        print(" | ".join("---" for _ in columns))
+        for row in self.rows:
+            print(" | ".join(_cell(row.get(c)) for c in columns))
+
+
+def _cell(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return "-" if value is None else str(value)
+
+
+@dataclasses.dataclass
+class Timer:
+    """Wall-clock seconds of a ``with`` block."""
+
+    seconds: float = 0.0
+
+    def __enter__(self):
+        self._start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        self.seconds = time.perf_counter() - self._start

@@ -1,0 +1,139 @@
+"""Fine-tuning throughput and peak memory of the unified step, one and several adapters
+trained at once.
+
+  PYTHONPATH=. python benchmarks/bench_finetune.py --out benchmarks/results/finetune.jsonl
+  PYTHONPATH=. python benchmarks/bench_finetune.py --tiny   # every path, on a CPU
+
+Model: the Llama-3-8B shape with random bf16 weights and 8-slot rank-8 adapter tables on all
+seven projections (``bench_common``). For each count n of ``--adapters``, n fresh adapters
+(PEFT's init: A random, B = 0) each take ``--seqs`` sequences of ``--seq-len`` random ids per
+step (Loquetier's setting: 2 x 1024), all in one unified step with no serving rows (train
+rows n * seqs * seq_len); AdamW (lr 2e-5, the per-slot optimizer), every step applied.
+``--backward`` picks the unified step's strategy (``save``, ``recompute`` or both).
+
+Reported: tokens/s over ``--steps`` timed steps after ``--warmup`` (the first compiles),
+synchronising on the loss each step (as a training loop logging it would); the model
+FLOP rate, counting 4 * (matmul params) FLOPs a token (forward and input gradient: the base
+is frozen, so no weight gradient) plus causal attention (3 * 2 * seq_len * d_model per token
+per layer, forward and backward), against the bf16 matmul rate measured in the same run;
+and the device's peak memory so far (jax's ``peak_bytes_in_use``; the runs go in ascending
+memory order, so each row's peak is its own).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+
+from loqjax import AdapterRegistry, LoraConfig, add_lora_tables
+from loqjax.optim import SlotOptimizer, adamw
+from loqjax.unified import TrainSequence, TrainState, UnifiedBatch, make_unified_step, split_model
+
+from bench_common import (
+    Rows,
+    Timer,
+    measure_ceilings,
+    model_config,
+    num_matmul_params,
+    peak_memory_gib,
+    random_model,
+)
+
+NUM_SLOTS = 8
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tiny", action="store_true", help="tiny model, CPU-sized run")
+    parser.add_argument("--adapters", type=int, nargs="+", default=[1, 4])
+    parser.add_argument("--seqs", type=int, default=2, help="sequences per adapter and step")
+    parser.add_argument("--seq-len", type=int, default=None)
+    parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--backward", nargs="+", default=["save"], choices=["save", "recompute"])
+    parser.add_argument("--out", default=None, help="append JSON rows to this file")
+    args = parser.parse_args(argv)
+    seq_len = args.seq_len or (16 if args.tiny else 1024)
+    steps = args.steps or (2 if args.tiny else 10)
+    config = model_config(args.tiny)
+    rows = Rows("finetune", args.out)
+    ceilings = measure_ceilings(args.tiny)
+    rows.add(variant="ceilings", **ceilings)
+
+    model = random_model(config)
+    add_lora_tables(model, num_slots=NUM_SLOTS, max_rank=8)
+    registry = AdapterRegistry(model)
+    for i in range(max(args.adapters)):
+        registry.load(f"job{i}", LoraConfig(rank=8, alpha=16.0, seed=i).init_adapter(model))
+    optimizer = SlotOptimizer(adamw(2e-5))
+    graphdef, frozen, params = split_model(model)
+    state = TrainState.create(params, optimizer)
+    rng = np.random.default_rng(0)
+    flops_per_token = 4 * num_matmul_params(config) + (
+        3 * 2 * seq_len * config.hidden_size * config.num_layers
+    )
+
+    for backward in args.backward:
+        step = make_unified_step(graphdef, optimizer, backward=backward)
+        for n in sorted(args.adapters):
+            num_rows = n * args.seqs * seq_len
+
+            def batch(n=n, num_rows=num_rows):
+                train = [
+                    TrainSequence(slot, rng.integers(0, config.vocab_size, seq_len, np.int32))
+                    for slot in range(n)
+                    for _ in range(args.seqs)
+                ]
+                return UnifiedBatch.pack(
+                    train,
+                    [],
+                    num_train_rows=num_rows,
+                    num_serve_rows=0,
+                    num_segments=len(train) + 1,
+                    num_samples=0,
+                    num_slots=NUM_SLOTS,
+                )
+
+            with Timer() as warm:
+                for _ in range(args.warmup):
+                    state, _, out = step(frozen, state, batch(), None)
+                    float(out.loss[0])
+            batches = [batch() for _ in range(steps)]
+            with Timer() as timed:
+                for b in batches:
+                    state, _, out = step(frozen, state, b, None)
+                    losses = np.asarray(out.loss)  # a training loop logs its losses
+            updated = np.asarray(out.updated)
+            assert np.isfinite(losses[:n]).all() and updated[:n].all(), (losses, updated)
+            tokens_per_s = num_rows * steps / timed.seconds
+            tflops = flops_per_token * tokens_per_s / 1e12
+            rows.add(
+                variant=f"{n} adapter{'s' * (n > 1)}",
+                backward=backward,
+                n_adapters=n,
+                rows=num_rows,
+                seq_len=seq_len,
+                warmup_s=warm.seconds,
+                step_s=timed.seconds / steps,
+                tokens_per_s=tokens_per_s,
+                model_tflops=tflops,
+                vs_matmul_peak=tflops / ceilings["matmul_tflops"],
+                peak_mem_gib=peak_memory_gib(),
+            )
+    rows.table(
+        [
+            "variant",
+            "backward",
+            "rows",
+            "step_s",
+            "tokens_per_s",
+            "model_tflops",
+            "vs_matmul_peak",
+            "peak_mem_gib",
+        ]
+    )
+
+
+if __name__ == "__main__":
+    main()
