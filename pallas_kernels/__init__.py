@@ -1,10 +1,12 @@
-"""Pallas GPU kernels for segmented multi-LoRA matmul (SMLM), forward and backward.
+"""Pallas GPU kernels: segmented multi-LoRA matmul (SMLM) and packed flash attention,
+forward and backward.
 
 Every kernel also runs with ``interpret=True`` (the default off-GPU), which is
 how the CPU test suite exercises them.
 """
 
 from pallas_kernels.expand import segment_expand
+from pallas_kernels.flash_attention import packed_attention, packed_layout_ok
 from pallas_kernels.outer import segment_outer
 from pallas_kernels.reference import smlm_reference
 from pallas_kernels.segments import (
@@ -22,6 +24,8 @@ __all__ = [
     "RowTiles",
     "SlotChunks",
     "normalize_segments",
+    "packed_attention",
+    "packed_layout_ok",
     "plan_row_tiles",
     "plan_slot_chunks",
     "segment_expand",
