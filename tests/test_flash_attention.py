@@ -174,7 +174,7 @@ def check_against_reference(config, layout, seed, **kwargs):
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=config_id)
-@settings(max_examples=8, deadline=None)
+@settings(max_examples=10, deadline=None)
 @given(layout=layouts(), seed=st.integers(0, 2**31 - 1))
 def test_forward_and_gradients_match_reference(config, layout, seed):
     check_against_reference(config, layout, seed)
@@ -238,7 +238,7 @@ def corrupt(entries):
     return bad
 
 
-@settings(max_examples=10, deadline=None)
+@settings(max_examples=12, deadline=None)
 @given(layout=SHORT, entries=bad_entries(), seed=st.integers(0, 2**31 - 1))
 def test_non_finite_values_stay_in_their_segment(layout, entries, seed):
     """Outputs are NaN exactly where the reference's are; every other output and every
