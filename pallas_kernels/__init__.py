@@ -1,11 +1,12 @@
-"""Pallas GPU kernels for segmented multi-LoRA matmul (SMLM), forward and backward, and
-paged attention for the serving step (forward).
+"""Pallas GPU kernels: segmented multi-LoRA matmul (SMLM) and packed flash attention,
+forward and backward, and paged attention for the serving step (forward).
 
 Every kernel also runs with ``interpret=True`` (the default off-GPU), which is
 how the CPU test suite exercises them.
 """
 
 from pallas_kernels.expand import segment_expand
+from pallas_kernels.flash_attention import packed_attention, packed_layout_ok
 from pallas_kernels.outer import segment_outer
 from pallas_kernels.paged_attention import (
     AttentionBlocks,
@@ -33,6 +34,8 @@ __all__ = [
     "SlotChunks",
     "TilePlan",
     "normalize_segments",
+    "packed_attention",
+    "packed_layout_ok",
     "paged_attention",
     "plan_query_tiles",
     "plan_row_tiles",
