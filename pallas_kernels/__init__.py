@@ -5,6 +5,7 @@ how the CPU test suite exercises them.
 """
 
 from pallas_kernels.expand import segment_expand
+from pallas_kernels.lora_group import lora_group_forward
 from pallas_kernels.outer import segment_outer
 from pallas_kernels.reference import smlm_reference
 from pallas_kernels.segments import (
@@ -21,6 +22,7 @@ from pallas_kernels.smlm import smlm
 __all__ = [
     "RowTiles",
     "SlotChunks",
+    "lora_group_forward",
     "normalize_segments",
     "plan_row_tiles",
     "plan_slot_chunks",
