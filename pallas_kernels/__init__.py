@@ -17,9 +17,10 @@ from pallas_kernels.segments import (
     token_slots,
 )
 from pallas_kernels.shrink import segment_shrink
-from pallas_kernels.smlm import smlm
+from pallas_kernels.smlm import FUSED_MAX_ROWS, smlm, smlm_group
 
 __all__ = [
+    "FUSED_MAX_ROWS",
     "RowTiles",
     "SlotChunks",
     "lora_group_forward",
@@ -30,6 +31,7 @@ __all__ = [
     "segment_outer",
     "segment_shrink",
     "smlm",
+    "smlm_group",
     "smlm_reference",
     "token_slots",
 ]
