@@ -24,9 +24,12 @@ import argparse
 import collections
 import datetime
 import functools
+import glob
+import gzip
 import json
 import statistics
 import sys
+import tempfile
 import time
 
 import jax
@@ -137,6 +140,11 @@ def time_chained(fn, sets, iters, repeats, shared=()):
     iters = max(iters, len(sets))
     run = chained(fn, iters)
     jax.block_until_ready(run(sets, shared))
+    return time_run(run, sets, shared, iters, repeats)
+
+
+def time_run(run, sets, shared, iters, repeats):
+    """Median time in µs of one of the ``iters`` calls of a compiled ``chained`` run."""
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
@@ -260,13 +268,30 @@ def sweep(args):
                 )
 
 
+def trace_kernel_times(run, *args) -> dict[str, list[float]]:
+    """Durations in µs of every kernel on a GPU stream during ``run(*args)``,
+    by kernel name, from a profiler trace; empty when no GPU stream ran (CPU)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        with jax.profiler.trace(tmp, create_perfetto_trace=True):
+            jax.block_until_ready(run(*args))
+        [path] = glob.glob(f"{tmp}/**/perfetto_trace.json.gz", recursive=True)
+        with gzip.open(path) as f:
+            events = json.load(f)["traceEvents"]
+    names = {
+        (e["pid"], e.get("tid")): e["args"]["name"]
+        for e in events
+        if e.get("ph") == "M" and e.get("name") in ("process_name", "thread_name")
+    }
+    per_kernel = collections.defaultdict(list)
+    for e in events:
+        if e.get("ph") == "X" and "Stream" in names.get((e.get("pid"), e.get("tid")), ""):
+            per_kernel[e["name"]].append(e["dur"])
+    return dict(per_kernel)
+
+
 def profile(args):
     """Device time of every kernel of one forward+backward (``ours``), from a
     profiler trace: the kernels' own time, without launch gaps or host work."""
-    import glob
-    import gzip
-    import tempfile
-
     for num_rows, rank, active in [(t, 16, 8) for t in args.tokens]:
         d = 4096
 
@@ -288,23 +313,9 @@ def profile(args):
                 inputs = [s[:5] for s in sets]
             run = chained(fn, iters)
             jax.block_until_ready(run(inputs, meta))
-            with tempfile.TemporaryDirectory() as tmp:
-                with jax.profiler.trace(tmp, create_perfetto_trace=True):
-                    jax.block_until_ready(run(inputs, meta))
-                [path] = glob.glob(f"{tmp}/**/perfetto_trace.json.gz", recursive=True)
-                with gzip.open(path) as f:
-                    events = json.load(f)["traceEvents"]
-            names = {
-                (e["pid"], e.get("tid")): e["args"]["name"]
-                for e in events
-                if e.get("ph") == "M" and e.get("name") in ("process_name", "thread_name")
-            }
-            per_kernel = collections.defaultdict(list)
-            for e in events:
-                if e.get("ph") == "X" and "Stream" in names.get((e.get("pid"), e.get("tid")), ""):
-                    per_kernel[e["name"]].append(e["dur"])
+            per_kernel = trace_kernel_times(run, inputs, meta)
             if not per_kernel:
-                print("no GPU stream in the trace; threads:", sorted(set(names.values())))
+                print("no GPU stream in the trace")
                 continue
             total = sum(sum(v) for v in per_kernel.values()) / iters
             print(f"T={num_rows} r={rank} n={active} {label}: {total:.1f} us of kernels per call")

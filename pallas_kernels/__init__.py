@@ -7,6 +7,7 @@ how the CPU test suite exercises them.
 
 from pallas_kernels.expand import segment_expand
 from pallas_kernels.flash_attention import packed_attention, packed_layout_ok
+from pallas_kernels.lora_group import lora_group_forward
 from pallas_kernels.outer import segment_outer
 from pallas_kernels.paged_attention import (
     AttentionBlocks,
@@ -25,14 +26,16 @@ from pallas_kernels.segments import (
     token_slots,
 )
 from pallas_kernels.shrink import segment_shrink
-from pallas_kernels.smlm import smlm
+from pallas_kernels.smlm import FUSED_MAX_ROWS, smlm, smlm_group
 
 __all__ = [
+    "FUSED_MAX_ROWS",
     "AttentionBlocks",
     "QueryTiles",
     "RowTiles",
     "SlotChunks",
     "TilePlan",
+    "lora_group_forward",
     "normalize_segments",
     "packed_attention",
     "packed_layout_ok",
@@ -44,6 +47,7 @@ __all__ = [
     "segment_outer",
     "segment_shrink",
     "smlm",
+    "smlm_group",
     "smlm_reference",
     "token_slots",
 ]

@@ -3,14 +3,21 @@
 ``smlm(x, a, b, scale, seg_ends, seg_slots, base)`` returns, for every row ``t``
 in a segment served by adapter slot ``s``, ``base[t] + scale[s] * x[t] @ a[s] @ b[s]``
 (``a``/``b`` stacked and rank-padded; see ``segments`` for the metadata).
+``smlm_group`` does the same for several projections of one input ``x`` (q, k
+and v; gate and up), each with its own tables and base.
 
-The forward is two kernels, shrink (``h = x @ a[s]``, ``[T, R]``) and expand;
-``h`` is saved for the backward, which is four kernels with ``g = dY``:
+The forward of a batch of at most ``FUSED_MAX_ROWS`` rows is one launch for the
+whole group (``lora_group``); a larger batch takes two kernels per projection,
+shrink (``h = x @ a[s]``, ``[T, R]``) and expand. Either way ``h`` is saved for
+the backward, which is four kernels per projection with ``g = dY``:
 
 * ``mid = scale[s] * g @ b[s]^T``   (shrink, ``b`` transposed)
 * ``dx  = mid @ a[s]^T``            (expand, ``a`` transposed)
 * ``da[n] = sum_{t in n} x_t^T mid_t``         (grouped outer product)
 * ``db[n] = scale[n] * sum_{t in n} h_t^T g_t`` (grouped outer product)
+
+A group's ``dx`` is the sum over its projections, accumulated in float32
+through the expand's ``base`` operand (no separate additions).
 
 Only rows ``[0, grad_rows)`` take part in the backward when ``grad_rows`` is
 given (training rows come first in a unified batch): serving rows then cost no
@@ -21,13 +28,29 @@ gradient); ``base`` gets ``g`` unchanged.
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 
 from pallas_kernels.expand import segment_expand
+from pallas_kernels.lora_group import lora_group_forward
 from pallas_kernels.outer import segment_outer
 from pallas_kernels.shrink import segment_shrink
+
+FUSED_MAX_ROWS = 256
+"""Batches of at most this many rows take the fused forward (``lora_group``).
+
+Below it the two-kernel forward is mostly launch latency (RESULTS.md: 10.5 µs
+of kernels at T = 16 and 12.3 at T = 256, against a memory floor of 1-3 µs),
+which one launch per group instead of two per projection attacks; above it
+the fused kernel's recomputed shrinks and its per-program ``K`` stream grow
+with the rows (a fused kernel of one program per row tile lost to the two
+kernels at T = 1024, RESULTS.md). The value is a guess from that arithmetic,
+not a measurement: to be tuned on a GPU with ``benchmarks/bench_lora_decode.py``.
+"""
+
+Table = tuple[jax.Array, jax.Array, jax.Array]  # (a [N, K, R], b [N, R, D], scale [N])
 
 
 def smlm(
@@ -55,83 +78,136 @@ def smlm(
     Returns:
       ``[T, D]`` in ``base``'s dtype, else ``x``'s.
     """
+    (y,) = smlm_group(
+        x, [(a, b, scale)], [base], seg_ends, seg_slots, grad_rows, interpret=interpret
+    )
+    return y
+
+
+def smlm_group(
+    x: jax.Array,
+    tables: Sequence[Table],
+    bases: Sequence[jax.Array | None],
+    seg_ends: jax.Array,
+    seg_slots: jax.Array,
+    grad_rows: jax.Array | int | None = None,
+    *,
+    interpret: bool | None = None,
+) -> tuple[jax.Array, ...]:
+    """Differentiable SMLM of ``G`` projections of the same rows ``x``.
+
+    Args:
+      x: ``[T, K]`` rows, bf16 or f32.
+      tables: ``G`` tuples ``(a [N, K, R_g], b [N, R_g, D_g], scale [N])`` of one
+        adapter table's slots (``a`` in ``x.dtype``).
+      bases: ``G`` optional ``[T, D_g]`` base-layer outputs to add to.
+      seg_ends, seg_slots: ``[S]`` int32 segment metadata.
+      grad_rows: optional int32 scalar: only rows before it get gradients.
+      interpret: run the kernels in interpret mode (default: unless on a GPU).
+    Returns:
+      ``(y_1, ..., y_G)``, ``y_g [T, D_g]`` in ``base_g``'s dtype, else ``x``'s.
+    """
+    tables, bases = tuple(tuple(t) for t in tables), tuple(bases)
+    assert len(tables) == len(bases) >= 1, (len(tables), len(bases))
     if grad_rows is not None:
         grad_rows = jnp.asarray(grad_rows, jnp.int32)
-    return _smlm(interpret, x, a, b, scale, seg_ends, seg_slots, base, grad_rows)
+    return _smlm_group(interpret, x, tables, bases, seg_ends, seg_slots, grad_rows)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _smlm(interpret, x, a, b, scale, seg_ends, seg_slots, base, grad_rows):
-    return _smlm_fwd(interpret, x, a, b, scale, seg_ends, seg_slots, base, grad_rows)[0]
+def _smlm_group(interpret, x, tables, bases, seg_ends, seg_slots, grad_rows):
+    return _forward(interpret, x, tables, bases, seg_ends, seg_slots, save_h=False)[0]
 
 
-def _smlm_fwd(interpret, x, a, b, scale, seg_ends, seg_slots, base, grad_rows):
-    h = segment_shrink(x, a, seg_ends, seg_slots, interpret=interpret)
-    y = segment_expand(
-        h,
-        b,
-        seg_ends,
-        seg_slots,
-        scale,
-        base,
-        out_dtype=x.dtype if base is None else base.dtype,
-        interpret=interpret,
+def _forward(interpret, x, tables, bases, seg_ends, seg_slots, save_h):
+    """``(ys, hs)``; ``hs`` is None unless ``save_h`` or the two-kernel path made it."""
+    if x.shape[0] <= FUSED_MAX_ROWS:
+        out = lora_group_forward(
+            x, tables, bases, seg_ends, seg_slots, return_h=save_h, interpret=interpret
+        )
+        return out if save_h else (out, None)
+    ys, hs = [], []
+    for (a, b, scale), base in zip(tables, bases, strict=True):
+        h = segment_shrink(x, a, seg_ends, seg_slots, interpret=interpret)
+        y = segment_expand(
+            h,
+            b,
+            seg_ends,
+            seg_slots,
+            scale,
+            base,
+            out_dtype=x.dtype if base is None else base.dtype,
+            interpret=interpret,
+        )
+        ys.append(y)
+        hs.append(h)
+    return tuple(ys), tuple(hs)
+
+
+def _smlm_group_fwd(interpret, x, tables, bases, seg_ends, seg_slots, grad_rows):
+    ys, hs = _forward(interpret, x, tables, bases, seg_ends, seg_slots, save_h=True)
+    # Zero-size arrays remember the bases' dtypes (or their absence) for the backward.
+    base_likes = tuple(None if base is None else jnp.zeros((0,), base.dtype) for base in bases)
+    return ys, (x, tables, seg_ends, seg_slots, hs, grad_rows, base_likes)
+
+
+def _smlm_group_bwd(interpret, residuals, gs):
+    x, tables, seg_ends, seg_slots, hs, grad_rows, base_likes = residuals
+    dx, table_grads = None, []
+    for i, ((a, b, scale), h, g) in enumerate(zip(tables, hs, gs, strict=True)):
+        num_slots = a.shape[0]
+        mid = segment_shrink(
+            g,
+            b,
+            seg_ends,
+            seg_slots,
+            scale,
+            grad_rows,
+            w_transposed=True,
+            out_dtype=x.dtype,
+            interpret=interpret,
+        )
+        last = i == len(tables) - 1
+        dx = segment_expand(  # adds this projection's dx to the earlier ones'
+            mid,
+            a,
+            seg_ends,
+            seg_slots,
+            jnp.ones((num_slots,), jnp.float32),
+            dx,
+            grad_rows,
+            w_transposed=True,
+            out_dtype=x.dtype if last else jnp.float32,
+            interpret=interpret,
+        )
+        da = segment_outer(
+            x,
+            mid,
+            seg_ends,
+            seg_slots,
+            None,
+            grad_rows,
+            num_slots=num_slots,
+            out_dtype=a.dtype,
+            interpret=interpret,
+        )
+        db = segment_outer(
+            h,
+            g,
+            seg_ends,
+            seg_slots,
+            scale,
+            grad_rows,
+            num_slots=num_slots,
+            out_dtype=b.dtype,
+            interpret=interpret,
+        )
+        table_grads.append((da, db, None))
+    dbases = tuple(
+        None if like is None else g.astype(like.dtype)
+        for g, like in zip(gs, base_likes, strict=True)
     )
-    # A zero-size array remembers base's dtype (or its absence) for the backward.
-    base_like = None if base is None else jnp.zeros((0,), base.dtype)
-    return y, (x, a, b, scale, seg_ends, seg_slots, h, grad_rows, base_like)
+    return dx, tuple(table_grads), dbases, None, None, None
 
 
-def _smlm_bwd(interpret, residuals, g):
-    x, a, b, scale, seg_ends, seg_slots, h, grad_rows, base_like = residuals
-    num_slots = a.shape[0]
-    mid = segment_shrink(
-        g,
-        b,
-        seg_ends,
-        seg_slots,
-        scale,
-        grad_rows,
-        w_transposed=True,
-        out_dtype=x.dtype,
-        interpret=interpret,
-    )
-    dx = segment_expand(
-        mid,
-        a,
-        seg_ends,
-        seg_slots,
-        jnp.ones((num_slots,), jnp.float32),
-        None,
-        grad_rows,
-        w_transposed=True,
-        out_dtype=x.dtype,
-        interpret=interpret,
-    )
-    da = segment_outer(
-        x,
-        mid,
-        seg_ends,
-        seg_slots,
-        None,
-        grad_rows,
-        num_slots=num_slots,
-        out_dtype=a.dtype,
-        interpret=interpret,
-    )
-    db = segment_outer(
-        h,
-        g,
-        seg_ends,
-        seg_slots,
-        scale,
-        grad_rows,
-        num_slots=num_slots,
-        out_dtype=b.dtype,
-        interpret=interpret,
-    )
-    dbase = None if base_like is None else g.astype(base_like.dtype)
-    return dx, da, db, None, None, None, dbase, None
-
-
-_smlm.defvjp(_smlm_fwd, _smlm_bwd)
+_smlm_group.defvjp(_smlm_group_fwd, _smlm_group_bwd)

@@ -4,7 +4,9 @@ Shapes are fixed per test (one compile each), as in the product, where batch
 capacity is static; hypothesis varies the segment layout, which is data. Off
 GPU the kernels run interpreted, and the interpreter fills every output buffer
 with NaN first, so "matches the reference and is finite" also proves that every
-output element was written.
+output element was written. ``NUM_ROWS`` is within ``FUSED_MAX_ROWS``, so
+``smlm`` runs its fused forward here; ``LARGE_ROWS`` covers the two-kernel one
+(tests/test_lora_group.py tests the fused kernel and ``smlm_group`` further).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from hypothesis import strategies as st
 from jax.experimental import pallas as pl
 
 from pallas_kernels import (
+    FUSED_MAX_ROWS,
     plan_row_tiles,
     plan_slot_chunks,
     segment_expand,
@@ -42,13 +45,22 @@ def rel_err(got, want) -> float:
     return float(np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-30))
 
 
+SEGMENT_LENGTHS = (0, 1, 2, 3, 5, 7, 16, 17, 33)
+
+
 @st.composite
-def layouts(draw, num_rows=NUM_ROWS, num_segments=NUM_SEGMENTS, num_slots=NUM_SLOTS):
+def layouts(
+    draw,
+    num_rows=NUM_ROWS,
+    num_segments=NUM_SEGMENTS,
+    num_slots=NUM_SLOTS,
+    segment_lengths=SEGMENT_LENGTHS,
+):
     """Segment ends/slots: empty and one-row segments, repeated slots, slot -1,
     an uncovered tail, and a training-row limit anywhere in the batch."""
     lengths = draw(
         st.lists(
-            st.sampled_from([0, 1, 2, 3, 5, 7, 16, 17, 33]),
+            st.sampled_from(segment_lengths),
             min_size=num_segments,
             max_size=num_segments,
         )
@@ -65,13 +77,13 @@ def layouts(draw, num_rows=NUM_ROWS, num_segments=NUM_SEGMENTS, num_slots=NUM_SL
     return ends, slots, grad_rows, seed
 
 
-def make_operands(seed, d_in, rank, d_out, dtype):
+def make_operands(seed, d_in, rank, d_out, dtype, num_rows=NUM_ROWS):
     ks = jax.random.split(jax.random.key(seed), 6)
-    x = jax.random.normal(ks[0], (NUM_ROWS, d_in))
+    x = jax.random.normal(ks[0], (num_rows, d_in))
     a = jax.random.normal(ks[1], (NUM_SLOTS, d_in, rank)) / np.sqrt(d_in)
     b = jax.random.normal(ks[2], (NUM_SLOTS, rank, d_out)) / np.sqrt(rank)
-    base = jax.random.normal(ks[3], (NUM_ROWS, d_out))
-    cotangent = jax.random.normal(ks[4], (NUM_ROWS, d_out))
+    base = jax.random.normal(ks[3], (num_rows, d_out))
+    cotangent = jax.random.normal(ks[4], (num_rows, d_out))
     scale = jax.random.uniform(ks[5], (NUM_SLOTS,), minval=0.5, maxval=2.0)
     return tuple(v.astype(dtype) for v in (x, a, b, base, cotangent)) + (scale,)
 
@@ -89,7 +101,7 @@ def smlm_and_grads(x, a, b, base, cotangent, scale, ends, slots, grad_rows, with
 def reference_and_grads(x, a, b, base, cotangent, scale, ends, slots, grad_rows, with_base):
     """The reference in float32, differentiated by JAX, on the training rows only."""
     x, a, b, base, cotangent = (v.astype(jnp.float32) for v in (x, a, b, base, cotangent))
-    train = (jnp.arange(NUM_ROWS) < grad_rows)[:, None]
+    train = (jnp.arange(x.shape[0]) < grad_rows)[:, None]
 
     def loss(x, a, b, base):
         y = smlm_reference(x, a, b, scale, ends, slots, base if with_base else None)
@@ -128,9 +140,36 @@ def test_compiled_kernels_match_reference_on_gpu(dtype, layout, with_base):
     check_against_reference(SHAPES[1], dtype, layout, with_base)
 
 
-def check_against_reference(shape, dtype, layout, with_base):
+# A batch above FUSED_MAX_ROWS: the two-kernel forward (NUM_ROWS takes the fused one).
+LARGE_ROWS = FUSED_MAX_ROWS + 16
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+@settings(max_examples=4, deadline=None)
+@given(
+    layout=layouts(num_rows=LARGE_ROWS, segment_lengths=(*SEGMENT_LENGTHS, 120)),
+    with_base=st.booleans(),
+)
+def test_smlm_large_batch_matches_reference(dtype, layout, with_base):
+    check_against_reference(SHAPES[1], dtype, layout, with_base, num_rows=LARGE_ROWS)
+
+
+@pytest.mark.parametrize(
+    "num_rows, kernels",
+    [(NUM_ROWS, {"smlm_group_fused"}), (LARGE_ROWS, {"smlm_shrink", "smlm_expand"})],
+)
+def test_forward_path_by_batch_size(num_rows, kernels):
+    """Small batches take the fused launch; large ones shrink then expand."""
+    x, a, b, base, _, scale = make_operands(0, *SHAPES[0], jnp.float32, num_rows)
+    ends, slots = np.array([num_rows], np.int32), np.array([0], np.int32)
+    jaxpr = str(jax.make_jaxpr(lambda x: smlm(x, a, b, scale, ends, slots, base))(x))
+    names = {"smlm_group_fused", "smlm_shrink", "smlm_expand"}
+    assert {name for name in names if name in jaxpr} == kernels
+
+
+def check_against_reference(shape, dtype, layout, with_base, num_rows=NUM_ROWS):
     ends, slots, grad_rows, seed = layout
-    x, a, b, base, cotangent, scale = make_operands(seed, *shape, dtype)
+    x, a, b, base, cotangent, scale = make_operands(seed, *shape, dtype, num_rows)
     args = (x, a, b, base, cotangent, scale, ends, slots, grad_rows)
     y, (dx, da, db, dbase) = smlm_and_grads(*args, with_base=with_base)
     y_ref, (dx_ref, da_ref, db_ref, dbase_ref) = reference_and_grads(*args, with_base=with_base)
@@ -150,7 +189,7 @@ def check_against_reference(shape, dtype, layout, with_base):
         np.testing.assert_array_equal(np.asarray(dbase), np.asarray(cotangent))
     # No gradient reaches serving rows or slots without training rows.
     assert not np.asarray(dx, np.float32)[grad_rows:].any()
-    trained = set(np.asarray(token_slots(ends, slots, NUM_ROWS, NUM_SLOTS))[:grad_rows]) - {-1}
+    trained = set(np.asarray(token_slots(ends, slots, num_rows, NUM_SLOTS))[:grad_rows]) - {-1}
     for slot in set(range(NUM_SLOTS)) - trained:
         assert (
             not np.asarray(da[slot], np.float32).any()

@@ -1,0 +1,260 @@
+"""The fused group forward (``lora_group_forward``) and ``smlm_group`` against the reference.
+
+Each projection of a group is checked against ``smlm_reference``; gradients
+against the reference's autodiff, ``dx`` summed over the group. Shapes are fixed
+per test (one compile each) and hypothesis varies the segment layout. Off GPU the
+kernels run interpreted, and the interpreter fills every output with NaN first,
+so "matches and is finite" also proves that every output element was written.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pallas_kernels import (
+    FUSED_MAX_ROWS,
+    lora_group_forward,
+    smlm_group,
+    smlm_reference,
+    token_slots,
+)
+
+NUM_ROWS, NUM_SEGMENTS, NUM_SLOTS, D_IN = 48, 8, 5, 40
+assert NUM_ROWS <= FUSED_MAX_ROWS  # smlm_group takes the fused forward here
+TOLERANCE = {jnp.float32: 1e-5, jnp.bfloat16: 1e-2}
+# Groups of (rank, d_out, has_base): ranks below the 16-wide rank block, outputs
+# that are not multiples of the column blocks; d_out = 300 takes two column
+# blocks by default (256-wide sub-blocks), the second one partial. A group of
+# one through smlm_group is smlm itself, which tests/test_smlm.py covers in both
+# dtypes; each distinct group shape below costs a ~20 s interpreted compile.
+GROUPS = {
+    1: ((8, 70, True),),
+    2: ((8, 300, True), (20, 24, False)),
+    3: ((8, 70, True), (8, 24, True), (8, 24, False)),
+}
+TRACES = []  # one entry per trace of group_and_grads
+
+
+def rel_err(got, want) -> float:
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    return float(np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-30))
+
+
+@st.composite
+def layouts(draw, num_rows=NUM_ROWS, num_segments=NUM_SEGMENTS, num_slots=NUM_SLOTS):
+    """Segment ends/slots: empty and one-row segments, repeated slots, slot -1,
+    an uncovered tail, and a training-row limit anywhere in the batch."""
+    lengths = draw(
+        st.lists(
+            st.sampled_from([0, 1, 2, 3, 5, 7, 16, 17, 33]),
+            min_size=num_segments,
+            max_size=num_segments,
+        )
+    )
+    ends = np.minimum(np.cumsum(lengths), num_rows).astype(np.int32)
+    slots = np.asarray(
+        draw(
+            st.lists(st.integers(-1, num_slots - 1), min_size=num_segments, max_size=num_segments)
+        ),
+        np.int32,
+    )
+    grad_rows = draw(st.integers(0, num_rows))
+    seed = draw(st.integers(0, 2**31 - 1))
+    return ends, slots, grad_rows, seed
+
+
+def make_group(seed, group, dtype, num_rows=NUM_ROWS, d_in=D_IN, num_slots=NUM_SLOTS):
+    """``x, tables, bases, cotangents`` for a group spec of ``(rank, d_out, has_base)``."""
+    ks = iter(jax.random.split(jax.random.key(seed), 1 + 5 * len(group)))
+    x = jax.random.normal(next(ks), (num_rows, d_in)).astype(dtype)
+    tables, bases, cotangents = [], [], []
+    for rank, d_out, has_base in group:
+        a = jax.random.normal(next(ks), (num_slots, d_in, rank)) / np.sqrt(d_in)
+        b = jax.random.normal(next(ks), (num_slots, rank, d_out)) / np.sqrt(rank)
+        scale = jax.random.uniform(next(ks), (num_slots,), minval=0.5, maxval=2.0)
+        tables.append((a.astype(dtype), b.astype(dtype), scale))
+        base = jax.random.normal(next(ks), (num_rows, d_out)).astype(dtype)
+        bases.append(base if has_base else None)
+        cotangents.append(jax.random.normal(next(ks), (num_rows, d_out)).astype(dtype))
+    return x, tuple(tables), tuple(bases), tuple(cotangents)
+
+
+@jax.jit
+def group_and_grads(x, tables, bases, cotangents, ends, slots, grad_rows):
+    TRACES.append(None)
+    y, vjp = jax.vjp(
+        lambda x, tables, bases: smlm_group(x, tables, bases, ends, slots, grad_rows),
+        x,
+        tables,
+        bases,
+    )
+    return y, vjp(cotangents)
+
+
+@jax.jit
+def reference_and_grads(x, tables, bases, cotangents, ends, slots, grad_rows):
+    """The reference per projection in float32, differentiated by JAX, summed over
+    the group, on the training rows only."""
+    f32 = functools.partial(jax.tree.map, lambda v: v.astype(jnp.float32))
+    x, tables, bases, cotangents = f32((x, tables, bases, cotangents))
+    train = (jnp.arange(x.shape[0]) < grad_rows)[:, None]
+
+    def forward(x, tables, bases):
+        return tuple(
+            smlm_reference(x, a, b, scale, ends, slots, base)
+            for (a, b, scale), base in zip(tables, bases, strict=True)
+        )
+
+    def loss(x, tables, bases):
+        ys = forward(x, tables, bases)
+        return sum(
+            jnp.sum(jnp.where(train, y * g, 0.0)) for y, g in zip(ys, cotangents, strict=True)
+        )
+
+    return forward(x, tables, bases), jax.grad(loss, argnums=(0, 1, 2))(x, tables, bases)
+
+
+def check_group(group, dtype, layout, num_rows=NUM_ROWS, d_in=D_IN, num_slots=NUM_SLOTS):
+    ends, slots, grad_rows, seed = layout
+    x, tables, bases, cotangents = make_group(seed, group, dtype, num_rows, d_in, num_slots)
+    args = (x, tables, bases, cotangents, ends, slots, grad_rows)
+    ys, (dx, dtables, dbases) = group_and_grads(*args)
+    ys_ref, (dx_ref, dtables_ref, _) = reference_and_grads(*args)
+
+    tol = TOLERANCE[dtype]
+    checks = [("dx", dx, dx_ref)]
+    for g in range(len(group)):
+        checks += [
+            (f"y{g}", ys[g], ys_ref[g]),
+            (f"da{g}", dtables[g][0], dtables_ref[g][0]),
+            (f"db{g}", dtables[g][1], dtables_ref[g][1]),
+        ]
+    for name, got, want in checks:
+        assert got.dtype == dtype, name
+        assert np.isfinite(np.asarray(got, np.float32)).all(), f"{name} has unwritten elements"
+        err = rel_err(got, want)
+        assert err < tol, f"{name}: relative error {err:.2e} >= {tol}"
+    for base, dbase, g in zip(bases, dbases, cotangents, strict=True):
+        if base is not None:  # the base passes straight through: its cotangent is dY itself
+            np.testing.assert_array_equal(np.asarray(dbase), np.asarray(g))
+    # No gradient reaches serving rows or slots without training rows.
+    assert not np.asarray(dx, np.float32)[grad_rows:].any()
+    trained = set(np.asarray(token_slots(ends, slots, num_rows, num_slots))[:grad_rows])
+    for slot in set(range(num_slots)) - trained:
+        for da, db, _ in dtables:
+            assert not np.asarray(da[slot], np.float32).any()
+            assert not np.asarray(db[slot], np.float32).any()
+
+
+@pytest.mark.parametrize(
+    "size, dtype", [(2, jnp.bfloat16), (3, jnp.float32)], ids=["G2-bf16", "G3-f32"]
+)
+@settings(max_examples=8, deadline=None)
+@given(layout=layouts())
+def test_group_forward_and_gradients_match_reference(size, dtype, layout):
+    check_group(GROUPS[size], dtype, layout)
+
+
+@pytest.mark.parametrize(
+    "size, dtype", [(1, jnp.bfloat16), (3, jnp.float32)], ids=["G1-bf16", "G3-f32"]
+)
+@settings(max_examples=8, deadline=None)
+@given(layout=layouts())
+def test_fused_kernel_with_small_blocks(size, dtype, layout):
+    """Multi-tile segments (3-row tiles), several column blocks per projection
+    with a partial last one, and the ``h`` it returns for the backward."""
+    ends, slots, _, seed = layout
+    x, tables, bases, _ = make_group(seed, GROUPS[size], dtype)
+    ys, hs = lora_group_forward(
+        x,
+        tables,
+        bases,
+        ends,
+        slots,
+        return_h=True,
+        block_rows=3,
+        block_k=16,
+        block_n=16,
+        block_cols=32,  # d_out = 70: blocks of 32, 32 and 6 columns; 24: 16 and 8
+        interpret=True,
+    )
+    slot = np.asarray(token_slots(ends, slots, NUM_ROWS, NUM_SLOTS))
+    for (a, b, scale), base, y, h in zip(tables, bases, ys, hs, strict=True):
+        y_ref = smlm_reference(x, a, b, scale, ends, slots, base)
+        h_ref = jnp.einsum(
+            "tk,tkr->tr",
+            x,
+            a[np.maximum(slot, 0)],
+            precision=jax.lax.Precision.HIGHEST,
+            preferred_element_type=jnp.float32,
+        )
+        h_ref = jnp.where((slot >= 0)[:, None], h_ref, 0.0)
+        for got, want in ((y, y_ref), (h, h_ref)):
+            assert got.dtype == dtype
+            assert np.isfinite(np.asarray(got, np.float32)).all()
+            assert rel_err(got, want) < TOLERANCE[dtype]
+
+
+def test_padded_rank_columns_stay_zero():
+    """With the tables' rank padding zero, outputs ignore it and the padding's
+    gradients are exactly zero (it is never trained)."""
+    used_rank = 6  # of the tables' 8 (GROUPS[3], to reuse its compile)
+    ends = np.array([10, 30, 48, 48, 48, 48, 48, 48], np.int32)
+    slots = np.array([0, 3, 1, -1, -1, -1, -1, -1], np.int32)
+    x, tables, bases, cotangents = make_group(7, GROUPS[3], jnp.float32)
+    tables = tuple(
+        (a.at[:, :, used_rank:].set(0), b.at[:, used_rank:, :].set(0), scale)
+        for a, b, scale in tables
+    )
+    ys, (_, dtables, _) = group_and_grads(x, tables, bases, cotangents, ends, slots, NUM_ROWS)
+    for (a, b, scale), base, y, (da, db, _) in zip(tables, bases, ys, dtables, strict=True):
+        y_small = smlm_reference(x, a[..., :used_rank], b[:, :used_rank], scale, ends, slots, base)
+        assert rel_err(y, y_small) < 1e-5
+        assert not np.asarray(da)[:, :, used_rank:].any()
+        assert not np.asarray(db)[:, used_rank:, :].any()
+
+
+def test_one_compile_for_every_layout():
+    """Layouts are data: group_and_grads traces at most once for all of them
+    (none if the tests above already compiled GROUPS[2] in bf16)."""
+    x, tables, bases, cotangents = make_group(0, GROUPS[2], jnp.bfloat16)
+    traces = len(TRACES)
+    for lengths, grad_rows in (([48, 0, 0, 0, 0, 0, 0, 0], 48), ([1] * 8, 3), ([20] * 8, 0)):
+        ends = np.minimum(np.cumsum(lengths), NUM_ROWS).astype(np.int32)
+        slots = np.arange(NUM_SEGMENTS, dtype=np.int32) % NUM_SLOTS
+        args = (x, tables, bases, cotangents, ends, slots, grad_rows)
+        jax.block_until_ready(group_and_grads(*args))
+    assert len(TRACES) - traces <= 1
+
+
+# Llama-3-8B decode: q, k and v of a 64-row batch over a table of 64 rank-8 slots.
+LLAMA_QKV = ((8, 4096, True), (8, 1024, True), (8, 1024, True))
+LLAMA_ROWS, LLAMA_D_IN, LLAMA_SLOTS = 64, 4096, 64
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="compiled Triton kernels need a GPU")
+@settings(max_examples=20, deadline=None)
+@given(
+    layout=st.one_of(
+        st.just(  # one row per adapter: the decode case
+            (
+                np.arange(1, LLAMA_ROWS + 1, dtype=np.int32),
+                np.arange(LLAMA_ROWS, dtype=np.int32),
+                LLAMA_ROWS,
+                0,
+            )
+        ),
+        layouts(LLAMA_ROWS, LLAMA_SLOTS, LLAMA_SLOTS),
+    )
+)
+def test_compiled_group_matches_reference_on_gpu(layout):
+    """The tests above, compiled by Triton at Llama-3-8B decode shapes."""
+    check_group(LLAMA_QKV, jnp.bfloat16, layout, LLAMA_ROWS, LLAMA_D_IN, LLAMA_SLOTS)
