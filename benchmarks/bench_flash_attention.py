@@ -23,14 +23,15 @@ import argparse
 import functools
 import itertools
 
-import bench_smlm
 import jax
 import jax.numpy as jnp
 import numpy as np
-from bench_smlm import input_sets, time_chained
 
 from loqjax.attention import reference_attention
 from pallas_kernels import packed_attention
+
+import bench_smlm
+from bench_smlm import input_sets, time_chained
 
 
 def layout(num_rows: int, num_segments: int):

@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING, Literal
 import jax
 import jax.numpy as jnp
 
+import pallas_kernels
+
 if TYPE_CHECKING:
     from loqjax.kv_cache import LayerKV
 
@@ -47,8 +49,6 @@ def packed_attention(
     packers lay them out) and is differentiable.
     """
     if use_kernels(impl):
-        import pallas_kernels
-
         return pallas_kernels.packed_attention(
             q, k, v, positions, segment_ids, sliding_window=sliding_window
         )
@@ -70,8 +70,6 @@ def cached_attention(
     """``paged_attention`` (same arguments), on the kernel or the reference; not
     differentiable (serving only)."""
     if use_kernels(impl):
-        import pallas_kernels
-
         return pallas_kernels.paged_attention(
             q, kv.k, kv.v, page_tables, q_pos, q_seg, sliding_window=sliding_window
         )

@@ -1,13 +1,17 @@
-"""Parameter-holding building blocks: Linear, RMSNorm, Embedding."""
+"""Parameter-holding building blocks: Linear (and ``project``, several sharing an input),
+RMSNorm, Embedding."""
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+from pallas_kernels import smlm_group
 
 if TYPE_CHECKING:
     from loqjax.lora import LoraBatch, LoraTable
@@ -42,15 +46,42 @@ class Linear(nnx.Module):
         its adapter slot's term; otherwise this is the base projection alone. With
         ``lora.train_rows`` set, only that many leading rows get an input gradient.
         """
+        return project([self], x, lora)[0]
+
+    def base(self, x: jax.Array, lora: LoraBatch | None = None) -> jax.Array:
+        """The base projection alone (bias included), as ``__call__`` differentiates it."""
         if lora is not None and lora.train_rows is not None:
             y = _leading_rows_matmul(x, self.kernel[...], lora.train_rows)
         else:
             y = x @ self.kernel[...]
         if self.bias is not None:
             y = y + self.bias[...]
-        if self.adapters is None or lora is None:
-            return y
-        return self.adapters(x, y, lora)
+        return y
+
+
+def project(linears: Sequence[Linear], x: jax.Array, lora: LoraBatch | None) -> list[jax.Array]:
+    """``[linear(x, lora) for linear in linears]`` for projections of one input (q, k and
+    v; gate and up), their adapter terms in one grouped SMLM: at decode sizes one kernel
+    launch for the whole group instead of two per projection.
+
+    Like PEFT, an adapter computes in its own dtype whatever the input's.
+    """
+    ys = [linear.base(x, lora) for linear in linears]
+    grouped = [i for i, linear in enumerate(linears) if linear.adapters is not None]
+    if lora is None or not grouped:
+        return ys
+    tables = [linears[i].adapters.arrays() for i in grouped]
+    outs = smlm_group(
+        x.astype(tables[0][0].dtype),
+        tables,
+        [ys[i] for i in grouped],
+        lora.seg_ends,
+        lora.seg_slots,
+        lora.grad_rows,
+    )
+    for i, y in zip(grouped, outs, strict=True):
+        ys[i] = y
+    return ys
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))

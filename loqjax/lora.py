@@ -22,7 +22,6 @@ import numpy as np
 from flax import nnx
 
 from loqjax.model import CausalLM
-from pallas_kernels import smlm
 
 # Projection name -> the submodule of a decoder layer that holds it (HF names).
 TARGET_MODULES = {
@@ -139,29 +138,9 @@ class LoraTable(nnx.Module):
         self.b = LoraParam(jnp.zeros((num_slots, max_rank, out_features), param_dtype))
         self.scale = LoraScale(jnp.zeros((num_slots,), jnp.float32))
 
-    def __call__(self, x: jax.Array, base: jax.Array, batch: LoraBatch) -> jax.Array:
-        """``base`` plus each row's adapter term.
-
-        Args:
-          x: [T, d_in], the projection's input.
-          base: [T, d_out], the base projection's output (bias included).
-          batch: which slot serves which rows.
-
-        Returns:
-          [T, d_out] in ``base.dtype``.
-        """
-        a = self.a[...]
-        # Like PEFT, the adapter computes in its own dtype whatever the input's.
-        return smlm(
-            x.astype(a.dtype),
-            a,
-            self.b[...],
-            self.scale[...],
-            batch.seg_ends,
-            batch.seg_slots,
-            base=base,
-            grad_rows=batch.grad_rows,
-        )
+    def arrays(self) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """``(a, b, scale)``, what the SMLM kernels take (``layers.project`` applies them)."""
+        return self.a[...], self.b[...], self.scale[...]
 
 
 def add_lora_tables(

@@ -37,7 +37,7 @@ from flax import nnx
 
 from loqjax.attention import AttentionImpl, cached_attention, packed_attention
 from loqjax.config import ModelConfig
-from loqjax.layers import Embedding, Linear, RMSNorm
+from loqjax.layers import Embedding, Linear, RMSNorm, project
 from loqjax.rope import apply_rope, rope_cos_sin
 
 if TYPE_CHECKING:
@@ -87,9 +87,10 @@ class Attention(nnx.Module):
         None); rows [0, num_train_rows) attend among themselves only.
         """
         t, n = x.shape[0], num_train_rows
-        q = self.q_proj(x, lora).reshape(t, self.num_heads, self.head_dim)
-        k = self.k_proj(x, lora).reshape(t, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x, lora).reshape(t, self.num_kv_heads, self.head_dim)
+        q, k, v = project([self.q_proj, self.k_proj, self.v_proj], x, lora)
+        q = q.reshape(t, self.num_heads, self.head_dim)
+        k = k.reshape(t, self.num_kv_heads, self.head_dim)
+        v = v.reshape(t, self.num_kv_heads, self.head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         attend = functools.partial(
             packed_attention, sliding_window=self.sliding_window, impl=self.attention_impl
@@ -127,7 +128,8 @@ class MLP(nnx.Module):
 
     def __call__(self, x: jax.Array, lora: LoraBatch | None = None) -> jax.Array:
         """x [T, d] -> [T, d]."""
-        h = jax.nn.silu(self.gate_proj(x, lora)) * self.up_proj(x, lora)
+        gate, up = project([self.gate_proj, self.up_proj], x, lora)
+        h = jax.nn.silu(gate) * up
         return self.down_proj(h, lora)
 
 

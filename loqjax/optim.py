@@ -242,6 +242,4 @@ class SlotOptimizer:
         master = None if state.master is None else _master_of(weights)
         fresh = self.tx.init(weights if master is None else master)
         grad_sum = jax.tree.map(lambda s: jnp.zeros(s.shape[1:], s.dtype), state.grad_sum)
-        return write_slot(
-            state, np.int32(slot), SlotOptState(fresh, grad_sum, np.int32(0), master)
-        )
+        return write_slot(state, np.int32(slot), SlotOptState(fresh, grad_sum, np.int32(0), master))

@@ -104,6 +104,7 @@ class JobRun:
 
     Attributes:
       updates / total_updates: optimizer updates done / planned.
+      trained_tokens: training rows (tokens) it has had so far.
       train_loss, eval_loss: (update, mean completion-token loss) points.
     """
 
@@ -114,6 +115,7 @@ class JobRun:
         self.eval_examples: list[Example] = held_out
         self.total_updates = total
         self.updates = 0
+        self.trained_tokens = 0
         self.train_loss: list[tuple[int, float]] = []
         self.eval_loss: list[tuple[int, float]] = []
         self._stream = epochs_of(train, job.seed)
@@ -198,6 +200,7 @@ class Runtime(Engine):
         self._ran: set[tuple] = set()  # step variants run at least once (compiled)
         self._train_seconds = 0.0  # step time while jobs were active, training / all
         self._active_seconds = 0.0
+        self._packings = 0  # training packings so far: whose turn it is to go first
 
     def _bind_model(self, model: CausalLM) -> None:
         self._graphdef, self._frozen, params = split_model(model)
@@ -397,11 +400,16 @@ class Runtime(Engine):
             self.metrics.request(RequestRecord.of(adapter, request.arrival, request.token_times))
 
     def _pack_training(self, active: list[JobRun], tokens: int):
-        """Round-robin whole examples of the active jobs into ``tokens`` rows.
+        """Round-robin whole examples of the active jobs into ``tokens`` rows, starting
+        one job further on each step, so that jobs whose examples fill the rows alone take
+        turns.
 
         Returns:
           [(run, example)] in packing order, and each job's rows.
         """
+        first = self._packings % len(active)
+        self._packings += 1
+        active = active[first:] + active[:first]
         packed, rows = [], {run.name: 0 for run in active}
         room, progressing = tokens, True
         while progressing and len(packed) < self.runtime_config.max_train_seqs:
@@ -418,6 +426,7 @@ class Runtime(Engine):
         return packed, rows
 
     def _account(self, run: JobRun, rows: int, loss: float, tokens: int) -> None:
+        run.trained_tokens += rows
         run._rows += rows
         run._loss_sum += loss * tokens
         run._loss_tokens += tokens

@@ -1,0 +1,250 @@
+"""Unified serving and fine-tuning: Poisson serving load on 4 adapters while 2 adapters
+fine-tune, in one Runtime on one GPU.
+
+  PYTHONPATH=. python benchmarks/bench_unified.py --out benchmarks/results/unified.jsonl
+  PYTHONPATH=. python benchmarks/bench_unified.py --tiny   # every path, on a CPU
+
+Model: the Llama-3-8B shape with random bf16 weights, 8-slot rank-8 tables on all seven
+projections (``bench_common``). Serving adapters a0..a3 (random, r=8, alpha=16); two jobs
+j0, j1 fine-tune fresh adapters (PEFT's init) on random 1024-token sequences, 2 sequences
+(2048 tokens) per AdamW update, Loquetier's setting. The runtime's training steps carry one
+1024-token sequence (jobs take turns) next to up to 64 serving tokens; its other steps
+serve (prefill chunks of up to 1024 tokens, decode steps of 32 rows).
+
+Load: requests arrive as a Poisson process at each rate of ``--rates`` for ``--duration``
+seconds, each for a random one of the 4 adapters, with prompt and output lengths drawn
+from fixed log-normal distributions shaped like ShareGPT's (prompt median 180 tokens,
+output median 150, clipped to [8, 1024] and [8, 512]; seeded, so every run and rate draws
+the same sequence), sampled with Loquetier's settings (temperature 0.9, top-p 0.8,
+repetition penalty 1.1), each generating exactly its drawn output length. Requests count
+from their scheduled arrival; after the window, the queue drains for at most
+``--drain`` seconds, and a request still unfinished then misses the SLO.
+
+Reported per rate: TTFT and TPOT (per-request mean time per output token) p50/p99, SLO
+attainment (TTFT <= 2 s and TPOT <= 45 ms) over all arrived requests, served output
+tokens/s, and fine-tuning tokens/s over the arrival window against fine-tuning alone (the
+same runtime with no requests, measured first).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+import numpy as np
+
+from loqjax import (
+    AdapterRegistry,
+    EngineConfig,
+    FineTuneJob,
+    LoraConfig,
+    Runtime,
+    RuntimeConfig,
+    SamplingParams,
+    SloTargets,
+    add_lora_tables,
+)
+from loqjax.metrics import Metrics, percentiles
+from loqjax.optim import SlotOptimizer, adamw
+
+from bench_common import Rows, load_adapters, model_config, peak_memory_gib, random_model
+
+SLO = SloTargets(ttft_s=2.0, tpot_s=0.045)
+
+
+@dataclasses.dataclass(frozen=True)
+class Shapes:
+    seq_len: int  # training sequence
+    prompt: tuple[float, int, int]  # log-normal median, min, max
+    output: tuple[float, int, int]
+    serving: EngineConfig
+    unified_serve_rows: int
+
+
+FULL = Shapes(
+    seq_len=1024,
+    prompt=(180, 8, 1024),
+    output=(150, 8, 512),
+    serving=EngineConfig(
+        token_capacity=1024,
+        max_seqs=32,
+        page_size=16,
+        num_pages=32 * 96 + 1,
+        max_seq_len=1536,
+        token_buckets=(32,),
+    ),
+    unified_serve_rows=64,
+)
+TINY = Shapes(
+    seq_len=32,
+    prompt=(12, 4, 24),
+    output=(6, 2, 12),
+    serving=EngineConfig(
+        token_capacity=64,
+        max_seqs=8,
+        page_size=8,
+        num_pages=8 * 5 + 1,
+        max_seq_len=40,
+        token_buckets=(8,),
+    ),
+    unified_serve_rows=16,
+)
+
+
+def lengths(rng, shape: tuple[float, int, int], sigma: float) -> int:
+    median, low, high = shape
+    return int(np.clip(rng.lognormal(np.log(median), sigma), low, high))
+
+
+def job_dataset(rng, vocab: int, seq_len: int, count: int = 64) -> list[dict]:
+    return [{"token_ids": rng.integers(0, vocab, seq_len).tolist()} for _ in range(count)]
+
+
+def run_load(runtime: Runtime, rate: float, duration: float, drain: float, shapes, seed: int):
+    """Serves a Poisson load at ``rate`` for ``duration`` s, then drains; returns the
+    phase's metrics, the arrivals, the requests finished and the training tokens in the
+    window."""
+    rng = np.random.default_rng(seed)
+    gaps = rng.exponential(1.0 / rate, int(rate * duration * 3) + 10) if rate else []
+    start = runtime.clock()
+    arrivals = start + np.cumsum(gaps)
+    arrivals = arrivals[arrivals < start + duration]
+    vocab = runtime.model_config.vocab_size
+    metrics = runtime.metrics = Metrics(SLO)
+    handles, next_arrival = [], 0
+    trained_before = _trained(runtime)
+    window_trained = None
+    while True:
+        now = runtime.clock()
+        while next_arrival < len(arrivals) and arrivals[next_arrival] <= now:
+            prompt = rng.integers(0, vocab, lengths(rng, shapes.prompt, 0.9)).tolist()
+            params = SamplingParams(
+                temperature=0.9,
+                top_p=0.8,
+                repetition_penalty=1.1,
+                max_tokens=lengths(rng, shapes.output, 0.8),
+                ignore_eos=True,
+            )
+            adapter = f"a{int(rng.integers(4))}"
+            handles.append(
+                runtime.submit(prompt, adapter, params, arrival=float(arrivals[next_arrival]))
+            )
+            next_arrival += 1
+        if window_trained is None and now >= start + duration:
+            window_trained = _trained(runtime) - trained_before
+        window_over = now >= start + duration
+        if window_over and (now >= start + duration + drain or not runtime.num_unfinished):
+            break
+        runtime.step()
+    finished = sum(handle.done for handle in handles)
+    for handle in handles:  # what the drain left unfinished misses the SLO
+        handle.cancel()
+    return metrics, len(arrivals), finished, window_trained
+
+
+def _trained(runtime: Runtime) -> int:
+    return sum(run.trained_tokens for run in runtime.jobs.values())
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tiny", action="store_true", help="tiny model, CPU-sized run")
+    parser.add_argument("--rates", type=float, nargs="+", default=[1.0, 2.0, 4.0])
+    parser.add_argument("--duration", type=float, default=None, help="arrival window (s)")
+    parser.add_argument("--drain", type=float, default=None)
+    parser.add_argument("--alone", type=float, default=None, help="fine-tuning alone (s)")
+    parser.add_argument("--min-train-share", type=float, default=0.3)
+    parser.add_argument("--backward", default="save", choices=["save", "recompute"])
+    parser.add_argument("--out", default=None, help="append JSON rows to this file")
+    args = parser.parse_args(argv)
+    duration = args.duration or (6.0 if args.tiny else 30.0)
+    drain = args.drain or (4.0 if args.tiny else 20.0)
+    alone = args.alone or (4.0 if args.tiny else 15.0)
+    shapes = TINY if args.tiny else FULL
+    config = model_config(args.tiny)
+    rows = Rows("unified", args.out)
+
+    model = random_model(config)
+    add_lora_tables(model, num_slots=8, max_rank=8)
+    registry = AdapterRegistry(model)
+    load_adapters(registry, model, 4)
+    runtime = Runtime(
+        model,
+        registry,
+        None,
+        RuntimeConfig(
+            serving=shapes.serving,
+            train_rows=shapes.seq_len,
+            max_train_seqs=2,
+            unified_serve_rows=shapes.unified_serve_rows,
+            min_train_share=args.min_train_share,
+            slo=SLO,
+            backward=args.backward,
+        ),
+        optimizer=SlotOptimizer(adamw(2e-5)),
+        progress=False,
+    )
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        runtime.add_job(
+            FineTuneJob(
+                f"j{i}",
+                job_dataset(rng, config.vocab_size, shapes.seq_len),
+                LoraConfig(rank=8, alpha=16.0, seed=i),
+                steps=10**6,
+                batch_tokens=2 * shapes.seq_len,
+                eval_fraction=0.0,
+            )
+        )
+    start = runtime.clock()
+    runtime.warmup()
+    rows.add(variant="warmup", seconds=runtime.clock() - start)
+
+    trained_before, start = _trained(runtime), runtime.clock()
+    while runtime.clock() < start + alone:
+        runtime.step()
+    alone_tps = (_trained(runtime) - trained_before) / (runtime.clock() - start)
+    rows.add(variant="finetune alone", train_tokens_per_s=alone_tps, peak_mem_gib=peak_memory_gib())
+
+    for i, rate in enumerate(args.rates):
+        metrics, arrived, finished, trained = run_load(
+            runtime, rate, duration, drain, shapes, seed=100 + i
+        )
+        summary = metrics.summary()["overall"]
+        met = sum(r.meets(SLO) for r in metrics.requests)
+        records = metrics.requests
+        rows.add(
+            variant=f"rate {rate:g}/s",
+            rate=rate,
+            requests=arrived,
+            finished=finished,
+            ttft_p50=summary["ttft_s"]["p50"],
+            ttft_p99=summary["ttft_s"]["p99"],
+            tpot_p50=summary["tpot_s"]["p50"],
+            tpot_p99=summary["tpot_s"]["p99"],
+            itl_p99=percentiles(t for r in records for t in r.gaps_s)["p99"],
+            slo_attainment=met / arrived if arrived else None,
+            serve_tokens_per_s=summary["serving_tokens_per_s"],
+            train_tokens_per_s=trained / duration,
+            vs_alone=trained / duration / alone_tps,
+            steps=summary["steps"],
+            peak_mem_gib=peak_memory_gib(),
+        )
+    rows.table(
+        [
+            "variant",
+            "requests",
+            "finished",
+            "ttft_p50",
+            "ttft_p99",
+            "tpot_p50",
+            "tpot_p99",
+            "slo_attainment",
+            "train_tokens_per_s",
+            "vs_alone",
+        ]
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# One GPU session's phases, each under its own time limit, logs and JSON rows under $OUT
+# (the device tool's output folder; default ./gpu_out). Usage:
+#   benchmarks/gpu_run.sh tests lora_decode finetune     # any of the phases below, in order
+# Phases: info, tests, lora_decode, flash, finetune, inference, peft, unified.
+set -u
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+OUT=${OUT:-gpu_out}
+mkdir -p "$OUT"
+export PYTHONPATH=. PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0
+export JAX_COMPILATION_CACHE_DIR=/tmp/jax_cache
+export XLA_PYTHON_CLIENT_MEM_FRACTION=0.92
+
+phase() {  # phase NAME SECONDS COMMAND...
+  local name=$1 limit=$2
+  shift 2
+  local start=$SECONDS
+  echo "=== $name (limit ${limit}s)"
+  timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
+  local rc=$?
+  echo "=== $name rc=$rc $((SECONDS - start))s"
+  tail -n 25 "$OUT/$name.log"
+}
+
+for p in "$@"; do
+  case $p in
+    info) phase info 60 bash -c "nvidia-smi; python3 -c 'import jax, flax, optax; print(jax.__version__, jax.devices(), flax.__version__, optax.__version__)'" ;;
+    tests) phase tests 240 env JAX_DEFAULT_MATMUL_PRECISION=highest python3 -m pytest -x -q -p no:cacheprovider \
+      -m gpu tests/test_smlm.py tests/test_lora_group.py tests/test_flash_attention.py tests/test_paged_attention_kernel.py ;;
+    e2e) phase e2e 240 env JAX_DEFAULT_MATMUL_PRECISION=highest python3 -m pytest -x -q -p no:cacheprovider \
+      tests/test_model_kernels.py "tests/test_engine.py::test_greedy_matches_transformers_and_peft" ;;
+    lora_decode) phase lora_decode 150 python3 benchmarks/bench_lora_decode.py --tokens 16 64 --adapters 1 16 64 --json "$OUT/lora_decode.json" ;;
+    flash) phase flash 120 python3 benchmarks/bench_flash_attention.py --table ;;
+    finetune) phase finetune 300 python3 benchmarks/bench_finetune.py --out "$OUT/finetune.jsonl" ;;
+    inference) phase inference 420 python3 benchmarks/bench_inference.py --out "$OUT/inference.jsonl" ;;
+    peft) phase peft 300 python3 benchmarks/bench_peft.py --out "$OUT/peft.jsonl" ;;
+    unified) phase unified 420 python3 benchmarks/bench_unified.py --out "$OUT/unified.jsonl" ;;
+    *) echo "unknown phase $p"; exit 2 ;;
+  esac
+done
