@@ -115,8 +115,8 @@ def device_name() -> str:
 def measure_ceilings(tiny: bool) -> dict:
     """The device's bf16 matmul rate and copy bandwidth, measured now (median of 5).
 
-    A chain of dependent matmuls (8192^3) and of copies of a 2 GiB array (bytes read plus
-    written), on random data."""
+    A chain of dependent matmuls (8192^3) and of elementwise passes over a 2 GiB array
+    (``y + 1``: bytes read plus written), on random data."""
     n, copy_elems, iters = (256, 2**20, 2) if tiny else (8192, 2**30, 10)
     a = jax.random.normal(jax.random.key(1), (n, n), jnp.bfloat16)
     x = jax.random.normal(jax.random.key(2), (copy_elems,), jnp.bfloat16)
@@ -130,7 +130,7 @@ def measure_ceilings(tiny: bool) -> dict:
 
     @jax.jit
     def copies(x):
-        return jax.lax.fori_loop(0, iters, lambda _, y: y[::-1] + 1, x)
+        return jax.lax.fori_loop(0, iters, lambda _, y: y + 1, x)
 
     def median_time(fn, arg):
         fn(arg).block_until_ready()
@@ -147,6 +147,37 @@ def measure_ceilings(tiny: bool) -> dict:
         "matmul_tflops": 2 * n**3 / matmul_s / 1e12,
         "copy_tb_per_s": 2 * 2 * copy_elems / copy_s / 1e12,
     }
+
+
+def kernel_profile(run, top: int = 25) -> list[dict]:
+    """The ``top`` GPU kernels of one ``run()`` by total device time, from a profiler
+    trace: [{"kernel", "calls", "total_ms", "share"}]; empty off GPU."""
+    import collections
+    import glob
+    import gzip
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        with jax.profiler.trace(tmp, create_perfetto_trace=True):
+            jax.block_until_ready(run())
+        [path] = glob.glob(f"{tmp}/**/perfetto_trace.json.gz", recursive=True)
+        with gzip.open(path) as f:
+            events = json.load(f)["traceEvents"]
+    threads = {
+        (e["pid"], e.get("tid")): e["args"]["name"]
+        for e in events
+        if e.get("ph") == "M" and e.get("name") in ("process_name", "thread_name")
+    }
+    totals, calls = collections.Counter(), collections.Counter()
+    for e in events:
+        if e.get("ph") == "X" and "Stream" in threads.get((e.get("pid"), e.get("tid")), ""):
+            totals[e["name"][:80]] += e["dur"]
+            calls[e["name"][:80]] += 1
+    everything = sum(totals.values()) or 1
+    return [
+        {"kernel": k, "calls": calls[k], "total_ms": v / 1e3, "share": v / everything}
+        for k, v in totals.most_common(top)
+    ] + [{"kernel": "ALL", "calls": sum(calls.values()), "total_ms": everything / 1e3}]
 
 
 def peak_memory_gib() -> float | None:

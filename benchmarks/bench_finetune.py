@@ -33,6 +33,7 @@ from loqjax.unified import TrainSequence, TrainState, UnifiedBatch, make_unified
 from bench_common import (
     Rows,
     Timer,
+    kernel_profile,
     measure_ceilings,
     model_config,
     num_matmul_params,
@@ -52,6 +53,7 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--backward", nargs="+", default=["save"], choices=["save", "recompute"])
+    parser.add_argument("--profile", action="store_true", help="kernel times of one step")
     parser.add_argument("--out", default=None, help="append JSON rows to this file")
     args = parser.parse_args(argv)
     seq_len = args.seq_len or (16 if args.tiny else 1024)
@@ -106,6 +108,16 @@ def main(argv=None):
                     losses = np.asarray(out.loss)  # a training loop logs its losses
             updated = np.asarray(out.updated)
             assert np.isfinite(losses[:n]).all() and updated[:n].all(), (losses, updated)
+            if args.profile:
+                profiled = batch()
+
+                def one_step(profiled=profiled, step=step):
+                    nonlocal state
+                    state, _, out = step(frozen, state, profiled, None)
+                    return out.loss
+
+                for row in kernel_profile(one_step):
+                    rows.add(variant=f"profile {n}", backward=backward, **row)
             tokens_per_s = num_rows * steps / timed.seconds
             tflops = flops_per_token * tokens_per_s / 1e12
             rows.add(

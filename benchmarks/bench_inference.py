@@ -8,7 +8,8 @@ Model: the Llama-3-8B shape with random bf16 weights (``bench_common``). For eac
 B of ``--batches``, B requests of ``--prompt-len`` random ids, each generating exactly
 ``--new-tokens`` tokens (greedy, EOS ignored), are submitted at once and the engine steps
 until all finish: continuous batching with chunked prefill (``--prefill-capacity`` tokens a
-step), then decode steps of B rows (token buckets B and the prefill capacity). Variants:
+step), then decode steps (token buckets: ``--decode-bucket`` rows, default the largest B,
+and the prefill capacity). Variants:
 ``base`` (a model without adapter tables: the no-LoRA floor) and ``lora<n>``: the model
 with 64-slot, rank-8 tables, request i served by adapter i % n (r=8, alpha=16, all seven
 projections).
@@ -81,6 +82,13 @@ def main(argv=None):
     parser.add_argument("--prompt-len", type=int, default=None)
     parser.add_argument("--new-tokens", type=int, default=None)
     parser.add_argument("--prefill-capacity", type=int, default=2048)
+    parser.add_argument(
+        "--decode-bucket",
+        type=int,
+        default=None,
+        help="decode steps' rows (default the largest batch: smaller batches decode at it, "
+        "a memory-bound step costing about the same, and compile once less)",
+    )
     parser.add_argument("--out", default=None, help="append JSON rows to this file")
     args = parser.parse_args(argv)
     prompt_len = args.prompt_len or (8 if args.tiny else 128)
@@ -99,7 +107,7 @@ def main(argv=None):
         page_size=page_size,
         num_pages=max_batch * -(-seq_len // page_size) + 1,
         max_seq_len=seq_len,
-        token_buckets=tuple(args.batches),
+        token_buckets=(args.decode_bucket or max_batch,),
     )
     model = random_model(config)
     # A decode step reads every matmul weight once (bf16), whatever the batch.

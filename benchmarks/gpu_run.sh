@@ -32,8 +32,8 @@ for p in "$@"; do
     lora_decode) phase lora_decode 150 python3 benchmarks/bench_lora_decode.py --tokens 16 64 --adapters 1 16 64 --json "$OUT/lora_decode.json" ;;
     flash) phase flash 120 python3 benchmarks/bench_flash_attention.py --table ;;
     finetune) phase finetune 300 python3 benchmarks/bench_finetune.py --out "$OUT/finetune.jsonl" ;;
-    inference) phase inference 420 python3 benchmarks/bench_inference.py --out "$OUT/inference.jsonl" ;;
-    peft) phase peft 300 python3 benchmarks/bench_peft.py --out "$OUT/peft.jsonl" ;;
+    inference) phase inference 330 python3 benchmarks/bench_inference.py --out "$OUT/inference.jsonl" ;;
+    peft) phase peft 250 python3 benchmarks/bench_peft.py --out "$OUT/peft.jsonl" ;;
     unified) phase unified 420 python3 benchmarks/bench_unified.py --out "$OUT/unified.jsonl" ;;
     *) echo "unknown phase $p"; exit 2 ;;
   esac

@@ -9,8 +9,10 @@ fine-tune adapters. Before each step the ``StepPolicy`` decides whether it train
   ``unified_serve_rows`` tokens) after them, and runs the unified step over the KV cache
   (``loqjax.unified``): the serving rows' next tokens come back sampled, the jobs' slots
   take their gradients, all in one jitted call;
-* a serving step is the engine's step, at its token buckets;
-* with no request in flight, a training step runs the training rows alone.
+* a serving step is the engine's step, at its token buckets.
+
+With no request in flight a training step is the same unified step, its serving rows
+padding: one compiled training step in all.
 
 A training step is much slower than a decode step, so the policy runs one only when every
 request in flight can afford it against its TTFT/TPOT deadline (decode steps bank slack,
@@ -288,15 +290,14 @@ class Runtime(Engine):
                 return
 
     def warmup(self) -> None:
-        """Compiles every step variant (serving buckets, unified, training-only) on empty
-        batches, which change no weight, optimizer state or cache entry; later steps then
-        run warm from the first, and the policy's step-time prediction too."""
+        """Compiles every step variant (serving buckets, unified) on empty batches, which
+        change no weight, optimizer state or cache entry; later steps then run warm from
+        the first, and the policy's step-time prediction too."""
         nothing = ScheduledStep((), ())
         for bucket in self.config.token_buckets:
             self._serve(nothing, bucket)
         self._run_unified([], self._serve_rows(nothing))
-        self._run_unified([], None)
-        self._ran.update({"unified", "train"})
+        self._ran.add("unified")
 
     def step(self) -> bool:
         """One step; False when there was nothing to do."""
@@ -307,9 +308,10 @@ class Runtime(Engine):
             scheduled = self._schedule(self.runtime_config.serve_rows)
             train, rows = self._pack_training(active, self.runtime_config.train_rows)
         if train:
-            kind = "train" if scheduled is None else "unified"
-            serve = None if scheduled is None else self._serve_rows(scheduled)
-            out = self._run_unified(train, serve, active)
+            kind = "unified"
+            out = self._run_unified(
+                train, self._serve_rows(scheduled or ScheduledStep((), ())), active
+            )
             next_tokens, loss, num_tokens = jax.device_get(
                 (out.next_tokens, out.loss, out.num_tokens)
             )
@@ -343,11 +345,10 @@ class Runtime(Engine):
         )
 
     def _run_unified(
-        self, train: list, serve: ServeRows | None, active: Sequence[JobRun] = ()
+        self, train: list, serve: ServeRows, active: Sequence[JobRun] = ()
     ) -> StepOutput:
-        """A unified step over ``train`` [(run, example)] and the serving rows (None: a
-        training-only step without the cache); steps the slots of ``active`` jobs whose
-        accumulated rows reach their batch."""
+        """A unified step over ``train`` [(run, example)] and the serving rows; steps the
+        slots of ``active`` jobs whose accumulated rows reach their batch."""
         config = self.runtime_config
         sequences = [example.sequence(run.slot) for run, example in train]
         rows = {run.name: 0 for run in active}
@@ -356,31 +357,15 @@ class Runtime(Engine):
         accumulate = [
             run.slot for run in active if run._rows + rows[run.name] < run.job.batch_tokens
         ]
-        num_slots = self.registry.num_slots
-        if serve is None:
-            batch = UnifiedBatch.pack(
-                sequences,
-                [],
-                num_train_rows=config.train_rows,
-                num_serve_rows=0,
-                num_segments=config.max_train_seqs + 1,
-                num_samples=0,
-                num_slots=num_slots,
-                accumulate=accumulate,
-            )
-            self._state, _, out = self._step(self._frozen, self._state, batch, None)
-        else:
-            batch = UnifiedBatch.pack_cached(
-                sequences,
-                serve,
-                num_train_rows=config.train_rows,
-                max_train_seqs=config.max_train_seqs,
-                num_slots=num_slots,
-                accumulate=accumulate,
-            )
-            self._state, self._cache, out = self._step(
-                self._frozen, self._state, batch, self._cache
-            )
+        batch = UnifiedBatch.pack_cached(
+            sequences,
+            serve,
+            num_train_rows=config.train_rows,
+            max_train_seqs=config.max_train_seqs,
+            num_slots=self.registry.num_slots,
+            accumulate=accumulate,
+        )
+        self._state, self._cache, out = self._step(self._frozen, self._state, batch, self._cache)
         return out
 
     def _time(self, kind: str, seconds: float, jobs_active: bool) -> None:
