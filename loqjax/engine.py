@@ -359,10 +359,11 @@ class Engine:
 
     def _bind_model(self, model: CausalLM) -> None:
         self._graphdef, self._state = nnx.split(model)
+        self._serve_step = serve_step(self._graphdef)
 
-    def _serving_model(self) -> tuple[nnx.GraphDef, tuple[nnx.State, ...]]:
-        """The graphdef and states that ``nnx.merge`` into the model to serve."""
-        return self._graphdef, (self._state,)
+    def _serving_states(self) -> tuple[nnx.State, ...]:
+        """The states that ``nnx.merge`` with the graphdef into the model to serve."""
+        return (self._state,)
 
     def _schedule(self, budget: int | None = None) -> ScheduledStep | None:
         """The next step's chunks within ``budget`` tokens (default the token capacity),
@@ -391,8 +392,7 @@ class Engine:
             self.model_config.vocab_size,
             num_rows=bucket or self._bucket(scheduled.num_tokens),
         )
-        graphdef, states = self._serving_model()
-        next_tokens, self._cache = serve_step(graphdef, states, self._cache, batch)
+        next_tokens, self._cache = self._serve_step(self._serving_states(), self._cache, batch)
         return np.asarray(next_tokens)
 
     def _commit(self, scheduled: ScheduledStep, next_tokens: np.ndarray) -> dict[str, int]:

@@ -104,11 +104,9 @@ class LoraBatch:
         seg_ends[: len(lengths)] = np.cumsum(lengths)
         seg_slots = np.full(num_segments, -1, np.int32)
         seg_slots[: len(slots)] = slots
-        return cls(
-            jnp.asarray(seg_ends),
-            jnp.asarray(seg_slots),
-            None if grad_rows is None else jnp.asarray(grad_rows, jnp.int32),
-            train_rows,
+        # One transfer for the whole batch: per-array transfers cost host time per step.
+        return jax.device_put(
+            cls(seg_ends, seg_slots, None if grad_rows is None else np.int32(grad_rows), train_rows)
         )
 
 

@@ -45,7 +45,7 @@ from loqjax.model import CausalLM
 from loqjax.optim import SlotOptimizer
 from loqjax.registry import AdapterRegistry
 from loqjax.scheduler import EngineConfig
-from loqjax.serve_step import ServeRows
+from loqjax.serve_step import ServeRows, serve_step
 from loqjax.slo_scheduler import SloTargets, StepPolicy
 from loqjax.unified import (
     Backward,
@@ -207,9 +207,10 @@ class Runtime(Engine):
     def _bind_model(self, model: CausalLM) -> None:
         self._graphdef, self._frozen, params = split_model(model)
         self._state = TrainState.create(params, self.optimizer)
+        self._serve_step = serve_step(self._graphdef)
 
-    def _serving_model(self) -> tuple[nnx.GraphDef, tuple[nnx.State, ...]]:
-        return self._graphdef, (self._state.params, self._frozen)
+    def _serving_states(self) -> tuple[nnx.State, ...]:
+        return (self._state.params, self._frozen)
 
     # --- adapters and jobs ----------------------------------------------------------
 

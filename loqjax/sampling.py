@@ -157,7 +157,7 @@ class SamplingBatch:
             if p.repetition_penalty != 1.0:
                 seen_rows[row, : len(ids)] = ids
         arrays = (temperature, top_k, top_p, penalty, seed_rows, step_rows, seen_rows)
-        return cls(*map(jnp.asarray, arrays))
+        return jax.device_put(cls(*arrays))  # one transfer for all rows
 
 
 def sample(logits: jax.Array, batch: SamplingBatch) -> jax.Array:

@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -140,19 +139,33 @@ class ServeBatch:
     ) -> ServeBatch:
         """The device batch of ``ServeRows.pack`` (same arguments)."""
         rows = ServeRows.pack(chunks, adapter_slots, config, vocab_size, num_rows)
-        return cls(
-            jnp.asarray(rows.tokens),
-            jnp.asarray(rows.positions),
-            jnp.asarray(rows.segment_ids),
-            LoraBatch.pack(rows.lengths, rows.adapter_slots, config.max_seqs),
-            PageBatch(jnp.asarray(rows.page_tables), jnp.asarray(rows.cache_slots)),
-            jnp.asarray(rows.logit_rows),
-            rows.sampling,
+        # One transfer for the whole batch: per-array transfers cost host time per step.
+        return jax.device_put(
+            cls(
+                rows.tokens,
+                rows.positions,
+                rows.segment_ids,
+                LoraBatch.pack(rows.lengths, rows.adapter_slots, config.max_seqs),
+                PageBatch(rows.page_tables, rows.cache_slots),
+                rows.logit_rows,
+                rows.sampling,
+            )
         )
 
 
-@functools.partial(jax.jit, static_argnums=0, donate_argnums=2)
-def serve_step(
+@functools.cache
+def serve_step(graphdef: nnx.GraphDef) -> Callable:
+    """The jitted serving step of models of structure ``graphdef``:
+    ``step(states, cache, batch) -> (next_tokens, cache)``, see ``_serve_step``.
+
+    One function per graphdef (cached here), so that engines over models of one structure
+    share its compilations, and a step does not hash the graphdef (thousands of nodes for
+    an 8B model: milliseconds of host time) on every call as a static argument would.
+    """
+    return jax.jit(functools.partial(_serve_step, graphdef), donate_argnums=1)
+
+
+def _serve_step(
     graphdef: nnx.GraphDef,
     states: tuple[nnx.State, ...],
     cache: KVCache,

@@ -229,10 +229,7 @@ class UnifiedBatch:
             num_segments=max_train_seqs + 1 + num_seqs,
             num_slots=num_slots,
             accumulate=accumulate,
-            pages=PageBatch(
-                jnp.asarray(serve.page_tables),
-                jnp.asarray(np.concatenate([dropped, serve.cache_slots])),
-            ),
+            pages=PageBatch(serve.page_tables, np.concatenate([dropped, serve.cache_slots])),
             sampling=serve.sampling,
         )
 
@@ -306,18 +303,21 @@ class _TrainRows(NamedTuple):
         apply = np.ones(num_slots, bool)
         apply[list(accumulate)] = False
         concat = np.concatenate
-        return UnifiedBatch(
-            jnp.asarray(concat([self.tokens, serve_tokens])),
-            jnp.asarray(concat([self.positions, serve_positions])),
-            jnp.asarray(concat([self.segment_ids, serve_segment_ids])),
-            jnp.asarray(self.targets),
-            jnp.asarray(self.loss_mask),
-            lora,
-            jnp.asarray(sample_rows, jnp.int32),
-            jnp.asarray(apply),
-            pages,
-            sampling,
-            num_train_rows,
+        # One transfer for the whole batch: per-array transfers cost host time per step.
+        return jax.device_put(
+            UnifiedBatch(
+                concat([self.tokens, serve_tokens]),
+                concat([self.positions, serve_positions]),
+                concat([self.segment_ids, serve_segment_ids]),
+                self.targets,
+                self.loss_mask,
+                lora,
+                np.asarray(sample_rows, np.int32),
+                apply,
+                pages,
+                sampling,
+                num_train_rows,
+            )
         )
 
 
