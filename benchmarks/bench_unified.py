@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import time
 
 import numpy as np
 
@@ -164,6 +165,7 @@ def main(argv=None):
     config = model_config(args.tiny)
     rows = Rows("unified", args.out)
 
+    began = time.perf_counter()
     model = random_model(config)
     add_lora_tables(model, num_slots=8, max_rank=8)
     registry = AdapterRegistry(model)
@@ -196,6 +198,7 @@ def main(argv=None):
                 eval_fraction=0.0,
             )
         )
+    print(f"model, adapters and jobs ready after {runtime.clock() - began:.0f} s", flush=True)
     start = runtime.clock()
     runtime.warmup()
     rows.add(variant="warmup", seconds=runtime.clock() - start)

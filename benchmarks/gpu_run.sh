@@ -25,16 +25,17 @@ phase() {  # phase NAME SECONDS COMMAND...
 for p in "$@"; do
   case $p in
     info) phase info 60 bash -c "nvidia-smi; python3 -c 'import jax, flax, optax; print(jax.__version__, jax.devices(), flax.__version__, optax.__version__)'" ;;
-    tests) phase tests 240 env JAX_DEFAULT_MATMUL_PRECISION=highest python3 -m pytest -x -q -p no:cacheprovider \
+    tests) phase tests 180 env JAX_DEFAULT_MATMUL_PRECISION=highest python3 -m pytest -x -q -p no:cacheprovider \
       -m gpu tests/test_smlm.py tests/test_lora_group.py tests/test_flash_attention.py tests/test_paged_attention_kernel.py ;;
     e2e) phase e2e 240 env JAX_DEFAULT_MATMUL_PRECISION=highest python3 -m pytest -x -q -p no:cacheprovider \
       tests/test_model_kernels.py "tests/test_engine.py::test_greedy_matches_transformers_and_peft" ;;
     lora_decode) phase lora_decode 150 python3 benchmarks/bench_lora_decode.py --tokens 16 64 --adapters 1 16 64 --json "$OUT/lora_decode.json" ;;
     flash) phase flash 120 python3 benchmarks/bench_flash_attention.py --table ;;
-    finetune) phase finetune 300 python3 benchmarks/bench_finetune.py --out "$OUT/finetune.jsonl" ;;
+    finetune) phase finetune 290 python3 benchmarks/bench_finetune.py --out "$OUT/finetune.jsonl" ;;
     inference) phase inference 330 python3 benchmarks/bench_inference.py --out "$OUT/inference.jsonl" ;;
     peft) phase peft 250 python3 benchmarks/bench_peft.py --out "$OUT/peft.jsonl" ;;
-    unified) phase unified 420 python3 benchmarks/bench_unified.py --out "$OUT/unified.jsonl" ;;
+    unified) phase unified 350 env XLA_FLAGS=--xla_gpu_autotune_level=0 python3 benchmarks/bench_unified.py \
+      --rates 1 4 --duration 20 --drain 10 --alone 8 --out "$OUT/unified.jsonl" ;;
     *) echo "unknown phase $p"; exit 2 ;;
   esac
 done

@@ -297,7 +297,7 @@ class Runtime(Engine):
         nothing = ScheduledStep((), ())
         for bucket in self.config.token_buckets:
             self._serve(nothing, bucket)
-        self._run_unified([], self._serve_rows(nothing))
+        jax.block_until_ready(self._run_unified([], self._serve_rows(nothing)).loss)
         self._ran.add("unified")
 
     def step(self) -> bool:
