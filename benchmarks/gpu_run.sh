@@ -34,7 +34,7 @@ for p in "$@"; do
     finetune) phase finetune 290 python3 benchmarks/bench_finetune.py --out "$OUT/finetune.jsonl" ;;
     inference) phase inference 330 python3 benchmarks/bench_inference.py --out "$OUT/inference.jsonl" ;;
     peft) phase peft 250 python3 benchmarks/bench_peft.py --out "$OUT/peft.jsonl" ;;
-    unified) phase unified 350 env XLA_FLAGS=--xla_gpu_autotune_level=0 python3 benchmarks/bench_unified.py \
+    unified) phase unified 350 python3 benchmarks/bench_unified.py \
       --rates 1 4 --duration 20 --drain 10 --alone 8 --out "$OUT/unified.jsonl" ;;
     *) echo "unknown phase $p"; exit 2 ;;
   esac
