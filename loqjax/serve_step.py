@@ -18,6 +18,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from loqjax import sharding
 from loqjax.kv_cache import KVCache, PageBatch, page_slots
 from loqjax.lora import LoraBatch
 from loqjax.sampling import SamplingBatch, sample
@@ -136,20 +137,26 @@ class ServeBatch:
         config: EngineConfig,
         vocab_size: int,
         num_rows: int | None = None,
+        placement: jax.sharding.Sharding | None = None,
     ) -> ServeBatch:
-        """The device batch of ``ServeRows.pack`` (same arguments)."""
+        """The device batch of ``ServeRows.pack`` (same arguments), put on ``placement``
+        (default the default device; on a mesh, ``loqjax.sharding.replicated``)."""
         rows = ServeRows.pack(chunks, adapter_slots, config, vocab_size, num_rows)
+        lora = LoraBatch.pack(
+            rows.lengths, rows.adapter_slots, config.max_seqs, placement=placement
+        )
         # One transfer for the whole batch: per-array transfers cost host time per step.
         return jax.device_put(
             cls(
                 rows.tokens,
                 rows.positions,
                 rows.segment_ids,
-                LoraBatch.pack(rows.lengths, rows.adapter_slots, config.max_seqs),
+                lora,
                 PageBatch(rows.page_tables, rows.cache_slots),
                 rows.logit_rows,
                 rows.sampling,
-            )
+            ),
+            placement,
         )
 
 
@@ -189,4 +196,5 @@ def _serve_step(
         pages=batch.pages,
         logit_rows=batch.logit_rows,
     )
-    return sample(logits, batch.sampling), cache
+    # On a device mesh, the pools stay split along their heads.
+    return sample(logits, batch.sampling), sharding.constrain_cache(cache, model.mesh)
