@@ -38,8 +38,8 @@ for p in "$@"; do
       -m gpu tests/test_smlm.py tests/test_lora_group.py tests/test_flash_attention.py tests/test_paged_attention_kernel.py ;;
     e2e) phase e2e 240 env JAX_DEFAULT_MATMUL_PRECISION=highest python3 -m pytest -x -q -p no:cacheprovider \
       tests/test_model_kernels.py "tests/test_engine.py::test_greedy_matches_transformers_and_peft" ;;
-    lora_decode) phase lora_decode 150 python3 benchmarks/bench_lora_decode.py --tokens 16 64 --adapters 1 16 64 --json "$OUT/lora_decode.json" ;;
-    decode_step) phase decode_step 240 python3 benchmarks/bench_decode_step.py --out "$OUT/decode_step.jsonl" ;;
+    lora_decode) phase lora_decode 130 python3 benchmarks/bench_lora_decode.py --tokens 16 64 --adapters 1 64 --json "$OUT/lora_decode.json" ;;
+    decode_step) phase decode_step 230 python3 benchmarks/bench_decode_step.py --out "$OUT/decode_step.jsonl" ;;
     flash) phase flash 120 python3 benchmarks/bench_flash_attention.py --table ;;
     finetune) phase finetune 290 python3 benchmarks/bench_finetune.py --out "$OUT/finetune.jsonl" ;;
     finetune_profile) phase finetune_profile 200 python3 benchmarks/bench_finetune.py --adapters 1 --profile --out "$OUT/finetune.jsonl" ;;
