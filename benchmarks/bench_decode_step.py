@@ -12,27 +12,31 @@ decode; per variant it reports, per decode step of ``B`` rows:
 * ``device``: median wall time of the jitted serving step alone on one packed decode batch,
   ``--iters`` calls back to back with one sync at the end (dispatch included, no host work
   between steps);
-* ``kernels``: the GPU kernels' summed time per step from a profiler trace of those calls,
-  and the top kernels (calls per step, ms per step).
+* ``kernels``: the GPU kernels' summed time per step from a profiler trace of those calls
+  (a traced run launches kernel by kernel, without command buffers), their number, and
+  the top kernels (calls per step, ms per step).
 
 Variants: ``base`` (no adapter tables), then the model with 64-slot rank-8 tables (all seven
 projections) and 64 adapters loaded, serving ``n`` of them (request i gets adapter
-``i % n``), once per LoRA decode path of ``--paths`` (``FUSED_MAX_ROWS`` picks the path at
-trace time, so every path compiles afresh).
+``i % n``), once per LoRA decode path of ``--paths`` (``pallas_kernels.smlm``'s
+``FUSED_MAX_ROWS`` and ``SMALL_FORWARD`` pick it at trace time, so every path compiles
+afresh).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import statistics
 import time
 
 import jax
 import numpy as np
 
-import pallas_kernels.smlm
 from loqjax import AdapterRegistry, Engine, EngineConfig, SamplingParams, add_lora_tables
 from loqjax.serve_step import ServeBatch, serve_step
+from pallas_kernels import lora_group_forward
+from pallas_kernels.lora_split import lora_split_forward
 
 from bench_common import (
     Rows,
@@ -46,9 +50,16 @@ from bench_common import (
 
 MAX_SLOTS = 64
 PROMPT_LEN = 16
-# FUSED_MAX_ROWS per decode path: "fused" is one lora_group launch per projection group,
-# "two-kernel" a shrink and an expand per projection.
-PATHS = {"fused": 256, "two-kernel": 0}
+# (FUSED_MAX_ROWS, SMALL_FORWARD) per decode path: "split" is a split-K shrink and an
+# expand per projection group, "fused" one lora_group launch per group, "two-kernel" a
+# shrink and an expand per projection.
+PATHS = {
+    "split": (256, lora_split_forward),
+    "fused": (256, lora_group_forward),
+    "two-kernel": (0, lora_split_forward),
+}
+# The module itself: the package's ``smlm`` attribute is the function of that name.
+SMLM = importlib.import_module("pallas_kernels.smlm")
 
 
 def held_in_decode(engine: Engine, batch: int, adapters: list[str], seed: int) -> None:
@@ -142,7 +153,7 @@ def main(argv=None):
             registry = AdapterRegistry(model)
             names = load_adapters(registry, model, MAX_SLOTS)
         if path is not None:
-            pallas_kernels.smlm.FUSED_MAX_ROWS = PATHS[path]
+            SMLM.FUSED_MAX_ROWS, SMLM.SMALL_FORWARD = PATHS[path]
         jax.clear_caches()  # the nested layer jits too: the path is read at trace time
         serve_step.cache_clear()
         engine = Engine(model, registry if n else None, config=engine_config)
@@ -163,6 +174,7 @@ def main(argv=None):
             engine_step_ms=engine_s * 1e3,
             device_step_ms=device_s * 1e3,
             kernels_ms=total_ms,
+            kernels_per_step=kernels[-1]["calls"] / args.iters,
             floor_step_ms=floor_ms,
             top_kernels=[
                 dict(k, calls=k["calls"] / args.iters, total_ms=k["total_ms"] / args.iters)
@@ -173,8 +185,17 @@ def main(argv=None):
         for k in row["top_kernels"]:
             print(f"    {k['kernel'][:70]:70s} x{k['calls']:6.1f} {k['total_ms']:8.3f} ms")
     rows.table(
-        ["variant", "path", "batch", "engine_step_ms", "device_step_ms", "kernels_ms",
-         "floor_step_ms", "warmup_s"]
+        [
+            "variant",
+            "path",
+            "batch",
+            "engine_step_ms",
+            "device_step_ms",
+            "kernels_ms",
+            "kernels_per_step",
+            "floor_step_ms",
+            "warmup_s",
+        ]
     )
 
 

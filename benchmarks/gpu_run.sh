@@ -2,7 +2,7 @@
 # One GPU session's phases, each under its own time limit, logs and JSON rows under $OUT
 # (the device tool's output folder; default ./gpu_out). Usage:
 #   benchmarks/gpu_run.sh tests lora_decode finetune     # any of the phases below, in order
-# Phases: info, tests, e2e, lora_decode, decode_step, flash, finetune, finetune_profile,
+# Phases: info, tests, e2e, lora_decode, decode_step, decode_cmdbuf, flash, finetune, finetune_profile,
 # finetune4, inference, peft, unified, save_cache.
 #
 # The persistent compilation cache lives in /tmp/jax_cache; "save_cache" packs it into
@@ -38,8 +38,10 @@ for p in "$@"; do
       -m gpu tests/test_smlm.py tests/test_lora_group.py tests/test_flash_attention.py tests/test_paged_attention_kernel.py ;;
     e2e) phase e2e 240 env JAX_DEFAULT_MATMUL_PRECISION=highest python3 -m pytest -x -q -p no:cacheprovider \
       tests/test_model_kernels.py "tests/test_engine.py::test_greedy_matches_transformers_and_peft" ;;
-    lora_decode) phase lora_decode 130 python3 benchmarks/bench_lora_decode.py --tokens 16 64 --adapters 1 64 --json "$OUT/lora_decode.json" ;;
-    decode_step) phase decode_step 230 python3 benchmarks/bench_decode_step.py --out "$OUT/decode_step.jsonl" ;;
+    lora_decode) phase lora_decode 100 python3 benchmarks/bench_lora_decode.py --tokens 64 --adapters 1 64 --methods grouped split --json "$OUT/lora_decode.json" ;;
+    decode_step) phase decode_step 230 python3 benchmarks/bench_decode_step.py --paths split fused --out "$OUT/decode_step.jsonl" ;;
+    decode_cmdbuf) phase decode_cmdbuf 120 env XLA_FLAGS="--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,CONDITIONAL,WHILE --xla_gpu_graph_min_graph_size=1" \
+      python3 benchmarks/bench_decode_step.py --paths split --adapters 64 --out "$OUT/decode_cmdbuf.jsonl" ;;
     flash) phase flash 120 python3 benchmarks/bench_flash_attention.py --table ;;
     finetune) phase finetune 290 python3 benchmarks/bench_finetune.py --out "$OUT/finetune.jsonl" ;;
     finetune_profile) phase finetune_profile 200 python3 benchmarks/bench_finetune.py --adapters 1 --profile --out "$OUT/finetune.jsonl" ;;
@@ -52,7 +54,7 @@ for p in "$@"; do
       tar -czf "$OUT/jax_cache.tgz" -C /tmp/jax_cache . 2>/dev/null
       size=$(stat -c %s "$OUT/jax_cache.tgz" 2>/dev/null || echo 0)
       echo "=== save_cache: $((size / 1048576)) MiB"
-      [ "$size" -lt $((16 * 1048576)) ] || rm -f "$OUT/jax_cache.tgz" ;;
+      [ "$size" -lt $((16 * 1048576)) ] || rm -f "$OUT/jax_cache.tgz" ;;  # too big to come back
     *) echo "unknown phase $p"; exit 2 ;;
   esac
 done
