@@ -106,7 +106,7 @@ def device_steps(engine: Engine, iters: int, repeats: int):
         tokens = None
         for _ in range(iters):
             tokens, engine._cache = engine._serve_step(
-                engine._serving_states(), engine._cache, batch
+                engine._serving_leaves(), engine._cache, batch
             )
         return tokens
 

@@ -46,9 +46,9 @@ for p in "$@"; do
     finetune) phase finetune 290 python3 benchmarks/bench_finetune.py --out "$OUT/finetune.jsonl" ;;
     finetune_profile) phase finetune_profile 200 python3 benchmarks/bench_finetune.py --adapters 1 --profile --out "$OUT/finetune.jsonl" ;;
     finetune4) phase finetune4 330 python3 benchmarks/bench_finetune.py --adapters 4 --out "$OUT/finetune.jsonl" ;;
-    inference) phase inference 330 python3 benchmarks/bench_inference.py --out "$OUT/inference.jsonl" ;;
+    inference) phase inference 200 python3 benchmarks/bench_inference.py --out "$OUT/inference.jsonl" ;;
     peft) phase peft 250 python3 benchmarks/bench_peft.py --out "$OUT/peft.jsonl" ;;
-    unified) phase unified 350 python3 benchmarks/bench_unified.py \
+    unified) phase unified 380 python3 benchmarks/bench_unified.py \
       --rates 1 4 --duration 20 --drain 10 --alone 8 --out "$OUT/unified.jsonl" ;;
     save_cache)
       tar -czf "$OUT/jax_cache.tgz" -C /tmp/jax_cache . 2>/dev/null
