@@ -27,6 +27,7 @@ import argparse
 import numpy as np
 
 from loqjax import AdapterRegistry, LoraConfig, add_lora_tables
+from loqjax.leaves import Leaves
 from loqjax.optim import SlotOptimizer, adamw
 from loqjax.unified import TrainSequence, TrainState, UnifiedBatch, make_unified_step, split_model
 
@@ -70,14 +71,17 @@ def main(argv=None):
         registry.load(f"job{i}", LoraConfig(rank=8, alpha=16.0, seed=i).init_adapter(model))
     optimizer = SlotOptimizer(adamw(2e-5))
     graphdef, frozen, params = split_model(model)
-    state = TrainState.create(params, optimizer)
+    # As the runtime does: the step takes and returns leaves (loqjax.leaves).
+    frozen, state = Leaves.of(frozen), Leaves.of(TrainState.create(params, optimizer))
+    leaves_of = (frozen.treedef, state.treedef)
+    frozen, state = frozen.leaves, state.leaves
     rng = np.random.default_rng(0)
     flops_per_token = 4 * num_matmul_params(config) + (
         3 * 2 * seq_len * config.hidden_size * config.num_layers
     )
 
     for backward in args.backward:
-        step = make_unified_step(graphdef, optimizer, backward=backward)
+        step = make_unified_step(graphdef, optimizer, backward=backward, leaves_of=leaves_of)
         for n in sorted(args.adapters):
             num_rows = n * args.seqs * seq_len
 

@@ -26,6 +26,8 @@ copy bandwidth measured in the same run) and the ratio of each LoRA variant's de
 from __future__ import annotations
 
 import argparse
+import faulthandler
+import sys
 
 import numpy as np
 
@@ -90,7 +92,12 @@ def main(argv=None):
         "a memory-bound step costing about the same, and compile once less)",
     )
     parser.add_argument("--out", default=None, help="append JSON rows to this file")
+    parser.add_argument(
+        "--stacks-every", type=float, default=0, help="print Python stacks every N s (0: off)"
+    )
     args = parser.parse_args(argv)
+    if args.stacks_every:
+        faulthandler.dump_traceback_later(args.stacks_every, repeat=True, file=sys.stderr)
     prompt_len = args.prompt_len or (8 if args.tiny else 128)
     new_tokens = args.new_tokens or (4 if args.tiny else 128)
     config = model_config(args.tiny)
@@ -127,6 +134,7 @@ def main(argv=None):
         for batch in args.batches:
             if n > batch:
                 continue
+            print(f"{name} B={batch}", file=sys.stderr, flush=True)
             with Timer() as warm:  # compiles the prefill and decode buckets
                 generate(engine, batch, adapters, prompt_len, 2, seed=1)
             prefill_s, total_s, steps = generate(

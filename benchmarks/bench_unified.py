@@ -170,6 +170,7 @@ def main(argv=None):
     add_lora_tables(model, num_slots=8, max_rank=8)
     registry = AdapterRegistry(model)
     load_adapters(registry, model, 4)
+    print(f"model and serving adapters ready after {time.perf_counter() - began:.0f} s", flush=True)
     runtime = Runtime(
         model,
         registry,
@@ -186,6 +187,7 @@ def main(argv=None):
         optimizer=SlotOptimizer(adamw(2e-5)),
         progress=False,
     )
+    print(f"runtime ready after {time.perf_counter() - began:.0f} s", flush=True)
     rng = np.random.default_rng(0)
     for i in range(2):
         runtime.add_job(

@@ -26,6 +26,7 @@ import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -367,12 +368,16 @@ class Engine:
     # --- the parts of a step, shared with the runtime -----------------------------------
 
     def _bind_model(self, model: CausalLM) -> None:
-        self._graphdef, self._state = nnx.split(model)
-        self._serve_step = serve_step(self._graphdef)
+        self._graphdef, state = nnx.split(model)
+        # The state's variables see the registry's writes to the model: their current
+        # values are what a step serves (read as a list: see ``_serving_leaves``).
+        self._variables = jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+        self._serve_step = serve_step(self._graphdef, jax.tree.structure((state,)))
 
-    def _serving_states(self) -> tuple[nnx.State, ...]:
-        """The states that ``nnx.merge`` with the graphdef into the model to serve."""
-        return (self._state,)
+    def _serving_leaves(self) -> list[jax.Array]:
+        """The leaves of the states that ``nnx.merge`` with the graphdef into the model
+        to serve, in the order of the serving step's ``states_def``."""
+        return [variable.get_value() for variable in self._variables]
 
     def _schedule(self, budget: int | None = None) -> ScheduledStep | None:
         """The next step's chunks within ``budget`` tokens (default the token capacity),
@@ -402,7 +407,7 @@ class Engine:
             num_rows=bucket or self._bucket(scheduled.num_tokens),
             placement=self._placement,
         )
-        next_tokens, self._cache = self._serve_step(self._serving_states(), self._cache, batch)
+        next_tokens, self._cache = self._serve_step(self._serving_leaves(), self._cache, batch)
         return np.asarray(next_tokens)
 
     def _commit(self, scheduled: ScheduledStep, next_tokens: np.ndarray) -> dict[str, int]:

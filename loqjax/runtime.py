@@ -40,6 +40,7 @@ from tqdm.auto import tqdm
 from loqjax.adapter import LoraAdapter
 from loqjax.engine import Engine, ScheduledStep, _Request
 from loqjax.jobs import DatasetError, DuplicateJobError, Example, FineTuneJob, epochs_of
+from loqjax.leaves import Leaves
 from loqjax.metrics import BASE, Metrics, RequestRecord
 from loqjax.model import CausalLM
 from loqjax.optim import SlotOptimizer
@@ -196,7 +197,12 @@ class Runtime(Engine):
         self.progress = progress
         self.jobs: dict[str, JobRun] = {}
         backward = self.runtime_config.backward
-        self._step = make_unified_step(self._graphdef, self.optimizer, backward=backward)
+        self._step = make_unified_step(
+            self._graphdef,
+            self.optimizer,
+            backward=backward,
+            leaves_of=(self._frozen_leaves.treedef, self._train_leaves.treedef),
+        )
         self._losses = jax.jit(functools.partial(slot_losses, self._graphdef))
         self._unified_seconds: float | None = None  # moving average of warm unified steps
         self._ran: set[tuple] = set()  # step variants run at least once (compiled)
@@ -205,12 +211,32 @@ class Runtime(Engine):
         self._packings = 0  # training packings so far: whose turn it is to go first
 
     def _bind_model(self, model: CausalLM) -> None:
-        self._graphdef, self._frozen, params = split_model(model)
-        self._state = TrainState.create(params, self.optimizer)
-        self._serve_step = serve_step(self._graphdef)
+        self._graphdef, frozen, params = split_model(model)
+        # Held as leaves: the steps take and return them (loqjax.leaves).
+        self._frozen_leaves = Leaves.of(frozen)
+        self._train_leaves = Leaves.of(TrainState.create(params, self.optimizer))
+        self._num_params = jax.tree.structure(params).num_leaves
+        self._serve_step = serve_step(self._graphdef, jax.tree.structure((params, frozen)))
 
-    def _serving_states(self) -> tuple[nnx.State, ...]:
-        return (self._state.params, self._frozen)
+    @property
+    def _frozen(self) -> nnx.State:
+        return self._frozen_leaves.tree
+
+    @_frozen.setter
+    def _frozen(self, frozen: nnx.State) -> None:
+        self._frozen_leaves = Leaves.of(frozen)
+
+    @property
+    def _state(self) -> TrainState:
+        return self._train_leaves.tree
+
+    @_state.setter
+    def _state(self, state: TrainState) -> None:
+        self._train_leaves = Leaves.of(state)
+
+    def _serving_leaves(self) -> list[jax.Array]:
+        # TrainState flattens params first: its leading leaves are the tables.
+        return self._train_leaves.leaves[: self._num_params] + self._frozen_leaves.leaves
 
     # --- adapters and jobs ----------------------------------------------------------
 
@@ -367,7 +393,10 @@ class Runtime(Engine):
             accumulate=accumulate,
             placement=self._placement,
         )
-        self._state, self._cache, out = self._step(self._frozen, self._state, batch, self._cache)
+        train, self._cache, out = self._step(
+            self._frozen_leaves.leaves, self._train_leaves.leaves, batch, self._cache
+        )
+        self._train_leaves = Leaves(self._train_leaves.treedef, train)
         return out
 
     def _time(self, kind: str, seconds: float, jobs_active: bool) -> None:

@@ -17,9 +17,11 @@ from typing import NamedTuple
 import jax
 import numpy as np
 from flax import nnx
+from jax.tree_util import PyTreeDef
 
 from loqjax import sharding
 from loqjax.kv_cache import KVCache, PageBatch, page_slots
+from loqjax.leaves import with_leaves
 from loqjax.lora import LoraBatch
 from loqjax.sampling import SamplingBatch, sample
 from loqjax.scheduler import Chunk, EngineConfig
@@ -161,15 +163,19 @@ class ServeBatch:
 
 
 @functools.cache
-def serve_step(graphdef: nnx.GraphDef) -> Callable:
+def serve_step(graphdef: nnx.GraphDef, states_def: PyTreeDef) -> Callable:
     """The jitted serving step of models of structure ``graphdef``:
-    ``step(states, cache, batch) -> (next_tokens, cache)``, see ``_serve_step``.
+    ``step(leaves, cache, batch) -> (next_tokens, cache)``, see ``_serve_step``, with
+    ``leaves`` the leaves of the tuple of states (structure ``states_def``) that merge
+    into the model.
 
-    One function per graphdef (cached here), so that engines over models of one structure
-    share its compilations, and a step does not hash the graphdef (thousands of nodes for
-    an 8B model: milliseconds of host time) on every call as a static argument would.
+    One function per structure (cached here), so that engines over models of one
+    structure share its compilations, a step does not hash the graphdef (thousands of
+    nodes for an 8B model: milliseconds of host time) on every call as a static argument
+    would, and the states cross the jit boundary as a list of arrays (``loqjax.leaves``).
     """
-    return jax.jit(functools.partial(_serve_step, graphdef), donate_argnums=1)
+    step = with_leaves(functools.partial(_serve_step, graphdef), (states_def, None, None))
+    return jax.jit(step, donate_argnums=1)
 
 
 def _serve_step(

@@ -48,9 +48,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.tree_util import PyTreeDef
 
 from loqjax import sharding
 from loqjax.kv_cache import KVCache, PageBatch
+from loqjax.leaves import with_leaves
 from loqjax.lora import LoraBatch, LoraParam
 from loqjax.loss import slot_sums, token_cross_entropy
 from loqjax.model import CausalLM
@@ -529,10 +531,16 @@ def make_unified_step(
     *,
     backward: Backward = "save",
     all_serving_logits: bool = False,
+    leaves_of: tuple[PyTreeDef, PyTreeDef] | None = None,
 ) -> Callable[..., tuple[TrainState, KVCache | None, StepOutput]]:
     """``unified_step`` jitted as ``step(frozen, state, batch, cache=None) -> (state,
     cache, out)``, with ``state`` and ``cache`` donated. It compiles once per batch
-    capacity (and once more with a cache)."""
+    capacity (and once more with a cache).
+
+    With ``leaves_of = (frozen_def, state_def)``, ``frozen`` and ``state`` are passed, and
+    ``state`` returned, as their leaves (lists of arrays of these structures): a step
+    then spends no host time flattening and rebuilding them (``loqjax.leaves``).
+    """
     step = functools.partial(
         unified_step,
         graphdef,
@@ -540,4 +548,7 @@ def make_unified_step(
         backward=backward,
         all_serving_logits=all_serving_logits,
     )
+    if leaves_of is not None:
+        frozen_def, state_def = leaves_of
+        step = with_leaves(step, (frozen_def, state_def, None, None), {0: state_def})
     return jax.jit(step, donate_argnums=(1, 3))

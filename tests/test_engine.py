@@ -22,7 +22,6 @@ from loqjax import (
     load_model,
     load_peft_adapter,
 )
-from loqjax.serve_step import serve_step
 from loqjax.tokenization import load_tokenizer
 
 from hf_reference import LORA_MAX_RANK, LORA_NUM_SLOTS, PEFT_ADAPTERS
@@ -129,7 +128,7 @@ def test_mixed_batch_equals_each_request_alone(engines, hf_models):
     engine = engines["qwen2"]
     requests = _mixed_requests(hf_models["qwen2"].vocab_size, 50, seed=1)
     _run_alone(engine, *requests[0])  # compiled
-    step = serve_step(engine._graphdef)
+    step = engine._serve_step
     compiled = step._cache_size()
     handles = [engine.submit(*request) for request in requests]
     start = engine.stats.steps
