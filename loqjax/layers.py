@@ -24,7 +24,7 @@ class Linear(nnx.Module):
     The single matmul site of the seven decoder projections (q/k/v/o, gate/up/down), so
     per-token adapters are added here: ``loqjax.lora.add_lora_tables`` sets ``adapters`` to
     a ``LoraTable`` on the targeted projections, and ``loqjax.sharding.shard_model`` sets
-    ``parallel`` (static) to how the projection is split over a device mesh.
+    ``tensor_parallel`` (static) to how the projection is split over a device mesh.
     """
 
     def __init__(
@@ -40,7 +40,7 @@ class Linear(nnx.Module):
         self.kernel = nnx.Param(init(rngs.params(), (in_features, out_features), param_dtype))
         self.bias = nnx.Param(jnp.zeros((out_features,), param_dtype)) if use_bias else None
         self.adapters: LoraTable | None = nnx.data(None)
-        self.parallel: parallel.TensorParallel | None = None
+        self.tensor_parallel: parallel.TensorParallel | None = None
 
     def __call__(self, x: jax.Array, lora: LoraBatch | None = None) -> jax.Array:
         """x [..., d_in] -> [..., d_out], in the parameter dtype.
@@ -68,11 +68,11 @@ def project(linears: Sequence[Linear], x: jax.Array, lora: LoraBatch | None) -> 
     launch for the whole group instead of two per projection.
 
     Like PEFT, an adapter computes in its own dtype whatever the input's. On a mesh (the
-    linears' ``parallel``, the same for all of them), the base outputs take their
+    linears' ``tensor_parallel``, the same for all of them), the base outputs take their
     Megatron layout and the adapter terms run on each device's shard
     (``loqjax.parallel.lora_projection``).
     """
-    tp = linears[0].parallel
+    tp = linears[0].tensor_parallel
     ys = [parallel.constrain_projection(tp, linear.base(x, lora)) for linear in linears]
     grouped = [i for i, linear in enumerate(linears) if linear.adapters is not None]
     if lora is None or not grouped:

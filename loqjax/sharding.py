@@ -185,7 +185,7 @@ def shard_model(model: CausalLM, mesh: Mesh) -> CausalLM:
         if isinstance(module, Linear):
             if path[-1] not in SPLITS:
                 raise ValueError(f"no tensor-parallel layout for the projection {path}")
-            module.parallel = TensorParallel(mesh, SPLITS[path[-1]])
+            module.tensor_parallel = TensorParallel(mesh, SPLITS[path[-1]])
         elif isinstance(module, Attention | CausalLM):
             module.mesh = mesh
     return model
