@@ -47,13 +47,11 @@ from pallas_kernels.shrink import segment_shrink
 FUSED_MAX_ROWS = 256
 """Batches of at most this many rows take the small-batch forward (``SMALL_FORWARD``).
 
-Below it the two-kernel forward is mostly launch latency (RESULTS.md: 10.5 µs
-of kernels at T = 16 and 12.3 at T = 256, against a memory floor of 1-3 µs),
-which one launch per group instead of two per projection attacks; above it
-the fused kernel's recomputed shrinks and its per-program ``K`` stream grow
-with the rows (a fused kernel of one program per row tile lost to the two
-kernels at T = 1024, RESULTS.md). The value is a guess from that arithmetic,
-not a measurement: to be tuned on a GPU with ``benchmarks/bench_lora_decode.py``.
+Below it the two-kernel forward is mostly launch latency (RESULTS.md: 10.5 µs of
+kernels at T = 16 and 12.3 at T = 256, against a memory floor of 1-3 µs), which
+two launches per group instead of two per projection attack. The value was set
+for the fused kernel and not re-measured for ``lora_split``: to be tuned on a
+GPU with ``benchmarks/bench_lora_decode.py``.
 """
 
 SMALL_FORWARD = lora_split_forward
