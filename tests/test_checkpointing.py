@@ -237,7 +237,7 @@ def test_default_directories_and_their_override(source, monkeypatch, tmp_path):
             AdapterCheckpoints(model, name)
 
 
-def test_a_save_killed_mid_write_leaves_the_previous_step(tmp_path):
+def test_a_save_killed_mid_write_leaves_the_previous_step(tmp_path, subprocess_env):
     """SIGKILL while step 1 (44 MB) is being written: step 0 stays the newest and restores
     exactly; only a temporary directory is left, and saving step 1 again works."""
     directory = tmp_path / "big"
@@ -246,6 +246,7 @@ def test_a_save_killed_mid_write_leaves_the_previous_step(tmp_path):
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,
+        env=subprocess_env,
     )
     try:
         assert proc.stdout.readline().strip() == "saved 0"
@@ -415,14 +416,14 @@ def test_job_checkpoint_round_trip_and_mismatches(hf_models, tmp_path):
             jobs.save(1, state, registry.info("poet"), data_position=object())
 
 
-def test_resumed_job_is_bit_identical_to_one_never_stopped(hf_models, tmp_path):
+def test_resumed_job_is_bit_identical_to_one_never_stopped(hf_models, tmp_path, subprocess_env):
     """K steps, a job checkpoint (mid-accumulation), M more: against restoring that
     checkpoint in a fresh process, into another slot, and training the same M steps.
     Every params and optimizer array of the slot must match bit for bit. The two
     processes share a compilation cache, which saves the second one the compile."""
     k, m = 3, 3
     env = {
-        **os.environ,
+        **subprocess_env,
         "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "jax-cache"),
         "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
         "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
