@@ -44,6 +44,11 @@ from hf_reference import LORA_MAX_RANK, LORA_NUM_SLOTS, PEFT_ADAPTERS
 
 ARCH = "llama2"
 TESTS = Path(__file__).resolve().parent
+# Subprocesses import this checkout's packages, whatever is installed.
+SUBPROCESS_ENV = {
+    **os.environ,
+    "PYTHONPATH": os.pathsep.join(filter(None, [str(TESTS.parent), os.environ.get("PYTHONPATH")])),
+}
 SLOT = {name: slot for slot, name in enumerate(PEFT_ADAPTERS)}  # conftest load order
 
 
@@ -63,9 +68,15 @@ def _table_bytes(model) -> dict:
     }
 
 
-def _run(args: list[str], **kwargs) -> subprocess.CompletedProcess:
+def _run(args: list[str], env: dict | None = None, **kwargs) -> subprocess.CompletedProcess:
+    """``python *args`` from the repository root, ``env`` added to ``SUBPROCESS_ENV``."""
     return subprocess.run(
-        [sys.executable, *args], capture_output=True, text=True, cwd=TESTS.parent, **kwargs
+        [sys.executable, *args],
+        capture_output=True,
+        text=True,
+        cwd=TESTS.parent,
+        env={**SUBPROCESS_ENV, **(env or {})},
+        **kwargs,
     )
 
 
@@ -246,6 +257,7 @@ def test_a_save_killed_mid_write_leaves_the_previous_step(tmp_path):
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,
+        env=SUBPROCESS_ENV,
     )
     try:
         assert proc.stdout.readline().strip() == "saved 0"
@@ -422,7 +434,6 @@ def test_resumed_job_is_bit_identical_to_one_never_stopped(hf_models, tmp_path):
     processes share a compilation cache, which saves the second one the compile."""
     k, m = 3, 3
     env = {
-        **os.environ,
         "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "jax-cache"),
         "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
         "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
