@@ -156,14 +156,19 @@ def test_smlm_large_batch_matches_reference(dtype, layout, with_base):
 
 @pytest.mark.parametrize(
     "num_rows, kernels",
-    [(NUM_ROWS, {"smlm_group_fused"}), (LARGE_ROWS, {"smlm_shrink", "smlm_expand"})],
+    [
+        (NUM_ROWS, {"smlm_split_shrink", "smlm_split_expand"}),
+        (LARGE_ROWS, {"smlm_shrink", "smlm_expand"}),
+    ],
 )
 def test_forward_path_by_batch_size(num_rows, kernels):
-    """Small batches take the fused launch; large ones shrink then expand."""
+    """Small batches take the split-K group launches; large ones shrink then expand per
+    projection."""
     x, a, b, base, _, scale = make_operands(0, *SHAPES[0], jnp.float32, num_rows)
     ends, slots = np.array([num_rows], np.int32), np.array([0], np.int32)
     jaxpr = str(jax.make_jaxpr(lambda x: smlm(x, a, b, scale, ends, slots, base))(x))
-    names = {"smlm_group_fused", "smlm_shrink", "smlm_expand"}
+    names = {"smlm_group_fused", "smlm_split_shrink", "smlm_split_expand"}
+    names |= {"smlm_shrink", "smlm_expand"}
     assert {name for name in names if name in jaxpr} == kernels
 
 
