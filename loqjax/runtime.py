@@ -143,6 +143,21 @@ class JobRun:
         return example
 
 
+DEFAULT_OPTIMIZER = SlotOptimizer()
+
+
+@functools.cache
+def _unified_step(graphdef: nnx.GraphDef, optimizer: SlotOptimizer, backward: Backward):
+    """One jitted unified step per model structure, optimizer and backward, shared by the
+    runtimes that have them in common (as ``serve_step`` is by engines)."""
+    return make_unified_step(graphdef, optimizer, backward=backward)
+
+
+@functools.cache
+def _eval_losses(graphdef: nnx.GraphDef):
+    return jax.jit(functools.partial(slot_losses, graphdef))
+
+
 class Runtime(Engine):
     """Serves requests and runs fine-tuning jobs on one model, one step at a time.
 
@@ -177,15 +192,17 @@ class Runtime(Engine):
           tokenizer: HF tokenizer (or checkpoint directory) for text prompts and text
             datasets; None for token ids only.
           config: step shapes and policy.
-          optimizer: per-slot optimizer of every job (default ``SlotOptimizer()``: AdamW;
-            a job's ``hyperparams`` set its own slot's values).
+          optimizer: per-slot optimizer of every job (default ``DEFAULT_OPTIMIZER``,
+            ``SlotOptimizer()``: AdamW; a job's ``hyperparams`` set its own slot's
+            values). Runtimes of one model structure and optimizer share their compiled
+            steps.
           metrics: where events go; default an in-memory ``Metrics``.
           progress: a tqdm bar per job.
           clock: seconds; injectable for tests.
           engine_kwargs: ``eos_token_ids``, ``cache_dtype``, ``seed`` of ``Engine``.
         """
         self.runtime_config = config or RuntimeConfig()
-        self.optimizer = optimizer or SlotOptimizer()
+        self.optimizer = optimizer or DEFAULT_OPTIMIZER
         super().__init__(
             model, registry, tokenizer, self.runtime_config.serving, clock=clock, **engine_kwargs
         )
@@ -196,8 +213,8 @@ class Runtime(Engine):
         self.progress = progress
         self.jobs: dict[str, JobRun] = {}
         backward = self.runtime_config.backward
-        self._step = make_unified_step(self._graphdef, self.optimizer, backward=backward)
-        self._losses = jax.jit(functools.partial(slot_losses, self._graphdef))
+        self._step = _unified_step(self._graphdef, self.optimizer, backward)
+        self._losses = _eval_losses(self._graphdef)
         self._unified_seconds: float | None = None  # moving average of warm unified steps
         self._ran: set[tuple] = set()  # step variants run at least once (compiled)
         self._train_seconds = 0.0  # step time while jobs were active, training / all
