@@ -248,6 +248,8 @@ class SlotOptimizer:
             ``adamw(max_grad_norm=inf)`` disables clipping).
         """
         self.check_hyperparams(state, values)
+        if not values:
+            return state
         hyperparams = state.inner.hyperparams
         names = sorted(values)
         current = {name: hyperparams[name] for name in names}
@@ -260,7 +262,10 @@ class SlotOptimizer:
         return state._replace(inner=inner)
 
     def check_hyperparams(self, state: SlotOptState, values: dict[str, float]) -> None:
-        """Raises what ``set_hyperparams`` would for ``values``, writing nothing."""
+        """Raises what ``set_hyperparams`` would for ``values``, writing nothing (no
+        values: nothing to check, whatever the transformation)."""
+        if not values:
+            return
         hyperparams = getattr(state.inner, "hyperparams", None)
         if hyperparams is None:
             raise KeyError(

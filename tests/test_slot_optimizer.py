@@ -169,10 +169,13 @@ def test_hyperparams_are_checked_before_anything_is_written():
     # inf is a value: adamw(max_grad_norm=inf) disables clipping.
     state = opt.set_hyperparams(state, 1, max_grad_norm=np.inf, learning_rate=np.float32(2e-3))
     np.testing.assert_array_equal(state.inner.hyperparams["max_grad_norm"], [1.0, np.inf, 1.0])
+    sgd = SlotOptimizer(optax.sgd(0.1))
+    sgd_state = sgd.init(_tables(0))
     with pytest.raises(KeyError, match="optimizer has none"):
-        SlotOptimizer(optax.sgd(0.1)).check_hyperparams(
-            SlotOptimizer(optax.sgd(0.1)).init(_tables(0)), {"learning_rate": 0.1}
-        )
+        sgd.check_hyperparams(sgd_state, {"learning_rate": 0.1})
+    # No values: nothing to check or set, with or without inject_hyperparams.
+    sgd.check_hyperparams(sgd_state, {})
+    assert sgd.set_hyperparams(sgd_state, 1) is sgd_state
 
 
 def test_set_hyperparams_and_reset_slot():
