@@ -22,7 +22,9 @@ share of the step time.
 Adapter lifecycle: ``add_job`` loads a fresh adapter into the registry under the job's
 name, so requests can name it from then on and get its current weights (the tables are
 shared); when the job ends it stops training, and the registry entry stays, served as any
-other adapter. Jobs and requests are added between steps (one thread).
+other adapter. Adapters change through the runtime (``load_adapter``, ``replace_adapter``,
+``unload_adapter``), not the registry directly: the runtime steps on its own copy of the
+tables (see ``sync_model``). Jobs and requests are added between steps (one thread).
 
 A job whose loss goes non-finite is paused (``JobRun.status`` "running" -> "paused", the
 reason in ``JobRun.failure``, a "paused" metrics event): the first step in which its
@@ -36,8 +38,9 @@ the update's earlier micro-batches without the dropped one. It stays loaded and 
 Those are the weights the non-finite loss was computed with: when they are themselves what
 diverged (a learning rate so large that the forward overflows), the held-out loss the
 pause measures (in the event and the failure message) is not finite either, and the way
-on is an earlier checkpoint, not ``resume_job``. ``resume_job`` goes on training a paused
-job, optionally with a fresh optimizer state or other hyperparameters.
+on is earlier weights (a checkpoint's, through ``replace_adapter``) before ``resume_job``.
+``resume_job`` goes on training a paused job, optionally with a fresh optimizer state or
+other hyperparameters.
 """
 
 from __future__ import annotations
@@ -273,7 +276,10 @@ class Runtime(Engine):
 
     def sync_model(self) -> None:
         """Writes the trained tables back into ``model`` (the step donates its buffers);
-        call before using the model or registry directly."""
+        call before reading the model or the registry directly (``registry.export``).
+        Change adapters through ``load_adapter``, ``replace_adapter`` and
+        ``unload_adapter``: a registry write donates the tables, which are then the
+        runtime's own."""
         nnx.update(self.model, self._state.params)
 
     def load_adapter(self, name: str, adapter: LoraAdapter) -> int:
@@ -282,6 +288,47 @@ class Runtime(Engine):
         slot = self.registry.load(name, adapter)
         self._refresh(slot)
         return slot
+
+    def replace_adapter(self, name: str, adapter: LoraAdapter) -> int:
+        """Gives adapter ``name`` new weights in its slot, served from the next step on;
+        returns the slot. A paused job's adapter too (e.g. with the weights of an earlier
+        checkpoint, before ``resume_job``): its optimizer state restarts then, with the
+        job's hyperparameters, the micro-batches accumulated before the failure dropped;
+        its update count goes on.
+
+        Raises:
+          ValueError: a running job trains ``name``;
+          and the registry's ``UnknownAdapterError`` and ``check`` errors.
+        """
+        run = self.jobs.get(name)
+        if run is not None and run.status == "running":
+            raise ValueError(f"adapter {name!r} is being trained by a running job")
+        self.sync_model()
+        slot = self.registry.replace(name, adapter)
+        paused = run is not None and run.paused
+        self._refresh(slot, run.job.hyperparams if paused else None)
+        if paused:
+            run._rows, run._loss_sum, run._loss_tokens = 0, 0.0, 0
+        return slot
+
+    def unload_adapter(self, name: str) -> None:
+        """Unloads a serving adapter, or the adapter of a done or paused job (the paused
+        job is dropped: it cannot resume without it); requests still naming it are
+        aborted at their next step.
+
+        Raises:
+          ValueError: a running job trains ``name``;
+          and the registry's ``UnknownAdapterError``.
+        """
+        run = self.jobs.get(name)
+        if run is not None and run.status == "running":
+            raise ValueError(f"adapter {name!r} is being trained by a running job")
+        slot = self.registry.info(name).slot
+        self.sync_model()
+        self.registry.unload(name)
+        self._refresh(slot)
+        if run is not None and run.paused:
+            del self.jobs[name]
 
     def add_job(self, job: FineTuneJob) -> JobRun:
         """Starts ``job``: loads its fresh adapter (servable from now on) and measures its
