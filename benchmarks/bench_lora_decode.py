@@ -14,6 +14,8 @@ split evenly into one segment per active adapter (slots ``0..n-1``). Methods:
 * ``fused``: ``lora_group_forward`` per projection: 7 launches.
 * ``grouped``: ``lora_group_forward`` per group {q, k, v}, {o}, {gate, up},
   {down}: 4 launches.
+* ``split``: ``lora_split_forward`` per group: a split-K shrink and an expand, 8
+  launches.
 
 Reported per layer: the kernels' device time from a profiler trace (like
 ``bench_smlm.py --profile``; kernels that run once per chain, i.e. the segment
@@ -42,6 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels import lora_group_forward, segment_expand, segment_shrink, smlm_reference
+from pallas_kernels.lora_split import lora_split_forward
 
 from bench_smlm import chained, time_run, trace_kernel_times
 
@@ -64,7 +67,7 @@ def projections(hidden: int, kv: int, ffn: int) -> dict[str, tuple[str, int, int
 
 
 GROUPS = (("q", "k", "v"), ("o",), ("gate", "up"), ("down",))
-METHODS = ["two-kernel", "fused", "grouped"]
+METHODS = ["two-kernel", "fused", "grouped", "split"]
 
 
 def layout(num_rows: int, active: int, num_segments: int):
@@ -111,10 +114,10 @@ def two_kernel(shapes, xs, tables, bases, seg_ends, seg_slots):
     return ys
 
 
-def grouped(groups, shapes, xs, tables, bases, seg_ends, seg_slots, **tunables):
+def grouped(groups, shapes, xs, tables, bases, seg_ends, seg_slots, forward, **tunables):
     ys = {}
     for group in groups:
-        outs = lora_group_forward(
+        outs = forward(
             xs[shapes[group[0]][0]],
             [tables[name] for name in group],
             [bases[name] for name in group],
@@ -127,10 +130,21 @@ def grouped(groups, shapes, xs, tables, bases, seg_ends, seg_slots, **tunables):
 
 
 def methods(shapes, tunables):
+    fused = lora_group_forward
     return {
         "two-kernel": (14, functools.partial(two_kernel, shapes)),
-        "fused": (7, functools.partial(grouped, [(n,) for n in shapes], shapes, **tunables)),
-        "grouped": (len(GROUPS), functools.partial(grouped, GROUPS, shapes, **tunables)),
+        "fused": (
+            7,
+            functools.partial(grouped, [(n,) for n in shapes], shapes, forward=fused, **tunables),
+        ),
+        "grouped": (
+            len(GROUPS),
+            functools.partial(grouped, GROUPS, shapes, forward=fused, **tunables),
+        ),
+        "split": (
+            2 * len(GROUPS),
+            functools.partial(grouped, GROUPS, shapes, forward=lora_split_forward),
+        ),
     }
 
 

@@ -2,7 +2,13 @@
 # One GPU session's phases, each under its own time limit, logs and JSON rows under $OUT
 # (the device tool's output folder; default ./gpu_out). Usage:
 #   benchmarks/gpu_run.sh tests lora_decode finetune     # any of the phases below, in order
-# Phases: info, tests, lora_decode, flash, finetune, inference, peft, unified.
+# Phases: info, tests, e2e, lora_decode, decode_step, decode_cmdbuf, flash, finetune, finetune_profile,
+# finetune4, inference, peft, unified, save_cache.
+#
+# The persistent compilation cache lives in /tmp/jax_cache; "save_cache" packs it into
+# $OUT/jax_cache.tgz (when it fits the device tool's 16 MiB a file), and a packed cache
+# carried in as .gpu_cache/jax_cache.tgz is unpacked first, so a later machine skips the
+# compiles (and GEMM autotuning) of programs that did not change.
 set -u
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 OUT=${OUT:-gpu_out}
@@ -10,6 +16,9 @@ mkdir -p "$OUT"
 export PYTHONPATH=. PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0
 export JAX_COMPILATION_CACHE_DIR=/tmp/jax_cache
 export XLA_PYTHON_CLIENT_MEM_FRACTION=0.92
+if [ -f .gpu_cache/jax_cache.tgz ]; then
+  mkdir -p /tmp/jax_cache && tar -xzf .gpu_cache/jax_cache.tgz -C /tmp/jax_cache
+fi
 
 phase() {  # phase NAME SECONDS COMMAND...
   local name=$1 limit=$2
@@ -29,13 +38,23 @@ for p in "$@"; do
       -m gpu tests/test_smlm.py tests/test_lora_group.py tests/test_flash_attention.py tests/test_paged_attention_kernel.py ;;
     e2e) phase e2e 240 env JAX_DEFAULT_MATMUL_PRECISION=highest python3 -m pytest -x -q -p no:cacheprovider \
       tests/test_model_kernels.py "tests/test_engine.py::test_greedy_matches_transformers_and_peft" ;;
-    lora_decode) phase lora_decode 150 python3 benchmarks/bench_lora_decode.py --tokens 16 64 --adapters 1 16 64 --json "$OUT/lora_decode.json" ;;
+    lora_decode) phase lora_decode 100 python3 benchmarks/bench_lora_decode.py --tokens 64 --adapters 1 64 --methods grouped split --json "$OUT/lora_decode.json" ;;
+    decode_step) phase decode_step 230 python3 benchmarks/bench_decode_step.py --paths split fused --out "$OUT/decode_step.jsonl" ;;
+    decode_cmdbuf) phase decode_cmdbuf 120 env XLA_FLAGS="--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,CONDITIONAL,WHILE --xla_gpu_graph_min_graph_size=1" \
+      python3 benchmarks/bench_decode_step.py --paths split --adapters 64 --out "$OUT/decode_cmdbuf.jsonl" ;;
     flash) phase flash 120 python3 benchmarks/bench_flash_attention.py --table ;;
     finetune) phase finetune 290 python3 benchmarks/bench_finetune.py --out "$OUT/finetune.jsonl" ;;
+    finetune_profile) phase finetune_profile 200 python3 benchmarks/bench_finetune.py --adapters 1 --profile --out "$OUT/finetune.jsonl" ;;
+    finetune4) phase finetune4 330 python3 benchmarks/bench_finetune.py --adapters 4 --out "$OUT/finetune.jsonl" ;;
     inference) phase inference 330 python3 benchmarks/bench_inference.py --out "$OUT/inference.jsonl" ;;
     peft) phase peft 250 python3 benchmarks/bench_peft.py --out "$OUT/peft.jsonl" ;;
     unified) phase unified 350 python3 benchmarks/bench_unified.py \
       --rates 1 4 --duration 20 --drain 10 --alone 8 --out "$OUT/unified.jsonl" ;;
+    save_cache)
+      tar -czf "$OUT/jax_cache.tgz" -C /tmp/jax_cache . 2>/dev/null
+      size=$(stat -c %s "$OUT/jax_cache.tgz" 2>/dev/null || echo 0)
+      echo "=== save_cache: $((size / 1048576)) MiB"
+      [ "$size" -lt $((16 * 1048576)) ] || rm -f "$OUT/jax_cache.tgz" ;;  # too big to come back
     *) echo "unknown phase $p"; exit 2 ;;
   esac
 done

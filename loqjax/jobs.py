@@ -99,7 +99,7 @@ def load_records(source: str | os.PathLike | Sequence[dict]) -> list[Record | To
 def _token_record(place: str, row: dict) -> TokenRecord:
     ids, prompt_len = row["token_ids"], row.get("prompt_len", 0)
     if not (isinstance(ids, list) and ids and all(_is_index(i) for i in ids)):
-        raise DatasetError(f"{place}: token_ids must be a non-empty list of integers >= 0")
+        raise DatasetError(f"{place}: token_ids must be a non-empty list of integers in [0, 2**31)")
     if not (_is_index(prompt_len) and prompt_len < len(ids)):
         raise DatasetError(
             f"{place}: prompt_len must be an integer in [0, {len(ids)}), got {prompt_len!r}"
@@ -108,7 +108,8 @@ def _token_record(place: str, row: dict) -> TokenRecord:
 
 
 def _is_index(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+    """An int32 index: token ids and lengths are int32 on the device."""
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**31
 
 
 def _is_text(value) -> bool:

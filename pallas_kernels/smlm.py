@@ -6,10 +6,11 @@ in a segment served by adapter slot ``s``, ``base[t] + scale[s] * x[t] @ a[s] @ 
 ``smlm_group`` does the same for several projections of one input ``x`` (q, k
 and v; gate and up), each with its own tables and base.
 
-The forward of a batch of at most ``FUSED_MAX_ROWS`` rows is one launch for the
-whole group (``lora_group``); a larger batch takes two kernels per projection,
-shrink (``h = x @ a[s]``, ``[T, R]``) and expand. Either way ``h`` is saved for
-the backward, which is four kernels per projection with ``g = dY``:
+The forward of a batch of at most ``FUSED_MAX_ROWS`` rows is two short launches
+for the whole group (``lora_split``: a split-K shrink, an expand); a larger batch
+takes two kernels per projection, shrink (``h = x @ a[s]``, ``[T, R]``) and
+expand. Either way ``h`` is saved for the backward, which is four kernels per
+projection with ``g = dY``:
 
 * ``mid = scale[s] * g @ b[s]^T``   (shrink, ``b`` transposed)
 * ``dx  = mid @ a[s]^T``            (expand, ``a`` transposed)
@@ -34,12 +35,12 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.expand import segment_expand
-from pallas_kernels.lora_group import lora_group_forward
+from pallas_kernels.lora_split import lora_split_forward
 from pallas_kernels.outer import segment_outer
 from pallas_kernels.shrink import segment_shrink
 
 FUSED_MAX_ROWS = 256
-"""Batches of at most this many rows take the fused forward (``lora_group``).
+"""Batches of at most this many rows take the small-batch forward (``SMALL_FORWARD``).
 
 Below it the two-kernel forward is mostly launch latency (RESULTS.md: 10.5 µs
 of kernels at T = 16 and 12.3 at T = 256, against a memory floor of 1-3 µs),
@@ -49,6 +50,12 @@ with the rows (a fused kernel of one program per row tile lost to the two
 kernels at T = 1024, RESULTS.md). The value is a guess from that arithmetic,
 not a measurement: to be tuned on a GPU with ``benchmarks/bench_lora_decode.py``.
 """
+
+SMALL_FORWARD = lora_split_forward
+"""The small-batch group forward: ``lora_split_forward`` (two launches per group, no
+program longer than one split of ``K``), or ``lora_group_forward`` (one launch, each
+program streaming all of ``K``; 30-90 µs a call on an H200, RESULTS.md). Read at trace
+time; ``benchmarks/bench_decode_step.py`` swaps it."""
 
 Table = tuple[jax.Array, jax.Array, jax.Array]  # (a [N, K, R], b [N, R, D], scale [N])
 
@@ -122,7 +129,7 @@ def _smlm_group(interpret, x, tables, bases, seg_ends, seg_slots, grad_rows):
 def _forward(interpret, x, tables, bases, seg_ends, seg_slots, save_h):
     """``(ys, hs)``; ``hs`` is None unless ``save_h`` or the two-kernel path made it."""
     if x.shape[0] <= FUSED_MAX_ROWS:
-        out = lora_group_forward(
+        out = SMALL_FORWARD(
             x, tables, bases, seg_ends, seg_slots, return_h=save_h, interpret=interpret
         )
         return out if save_h else (out, None)

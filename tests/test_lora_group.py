@@ -1,4 +1,5 @@
-"""The fused group forward (``lora_group_forward``) and ``smlm_group`` against the reference.
+"""The small-batch group forwards (``lora_split_forward``, which ``smlm_group`` takes at
+these sizes, and ``lora_group_forward``) and ``smlm_group`` against the reference.
 
 Each projection of a group is checked against ``smlm_reference``; gradients
 against the reference's autodiff, ``dx`` summed over the group. Shapes are fixed
@@ -25,9 +26,10 @@ from pallas_kernels import (
     smlm_reference,
     token_slots,
 )
+from pallas_kernels.lora_split import lora_split_forward
 
 NUM_ROWS, NUM_SEGMENTS, NUM_SLOTS, D_IN = 48, 8, 5, 40
-assert NUM_ROWS <= FUSED_MAX_ROWS  # smlm_group takes the fused forward here
+assert NUM_ROWS <= FUSED_MAX_ROWS  # smlm_group takes the small-batch forward here
 TOLERANCE = {jnp.float32: 1e-5, jnp.bfloat16: 1e-2}
 # Groups of (rank, d_out, has_base): ranks below the 16-wide rank block, outputs
 # that are not multiples of the column blocks; d_out = 300 takes two column
@@ -162,28 +164,30 @@ def test_group_forward_and_gradients_match_reference(size, dtype, layout):
     check_group(GROUPS[size], dtype, layout)
 
 
+# Multi-tile segments (3-row tiles), several column blocks per projection with a partial
+# last one (d_out = 70: blocks of 32, 32 and 6 columns; 24: 16 and 8); for the split
+# kernel also K = 40 in two splits of two 16-wide blocks, the last one past K.
+SMALL_BLOCKS = {
+    "fused": (lora_group_forward, dict(block_k=16, block_n=16, block_cols=32)),
+    "split": (lora_split_forward, dict(block_k=16, blocks_per_split=2, block_n=16, sub_blocks=2)),
+}
+
+
 @pytest.mark.parametrize(
-    "size, dtype", [(1, jnp.bfloat16), (3, jnp.float32)], ids=["G1-bf16", "G3-f32"]
+    "kernel, size, dtype",
+    [("fused", 1, jnp.bfloat16), ("fused", 3, jnp.float32), ("split", 3, jnp.float32)],
+    ids=["fused-G1-bf16", "fused-G3-f32", "split-G3-f32"],
 )
 @settings(max_examples=8, deadline=None)
 @given(layout=layouts())
-def test_fused_kernel_with_small_blocks(size, dtype, layout):
-    """Multi-tile segments (3-row tiles), several column blocks per projection
-    with a partial last one, and the ``h`` it returns for the backward."""
+def test_kernel_with_small_blocks(kernel, size, dtype, layout):
+    """Each small-batch kernel with small blocks (``SMALL_BLOCKS``), and the ``h`` it
+    returns for the backward."""
     ends, slots, _, seed = layout
     x, tables, bases, _ = make_group(seed, GROUPS[size], dtype)
-    ys, hs = lora_group_forward(
-        x,
-        tables,
-        bases,
-        ends,
-        slots,
-        return_h=True,
-        block_rows=3,
-        block_k=16,
-        block_n=16,
-        block_cols=32,  # d_out = 70: blocks of 32, 32 and 6 columns; 24: 16 and 8
-        interpret=True,
+    forward, blocks = SMALL_BLOCKS[kernel]
+    ys, hs = forward(
+        x, tables, bases, ends, slots, return_h=True, block_rows=3, interpret=True, **blocks
     )
     slot = np.asarray(token_slots(ends, slots, NUM_ROWS, NUM_SLOTS))
     for (a, b, scale), base, y, h in zip(tables, bases, ys, hs, strict=True):

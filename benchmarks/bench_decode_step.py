@@ -1,0 +1,203 @@
+"""Where a decode step's time goes: the serving step of the Llama-3-8B shape, on and off
+the host, base model against multi-LoRA, kernel by kernel.
+
+  PYTHONPATH=. python benchmarks/bench_decode_step.py --out benchmarks/results/decode_step.jsonl
+  PYTHONPATH=. python benchmarks/bench_decode_step.py --tiny   # every path, on a CPU
+
+B requests (``--batch``, default 64) of 16 random prompt ids are prefilled and then held in
+decode; per variant it reports, per decode step of ``B`` rows:
+
+* ``engine``: median wall time of ``Engine.step`` (host scheduling, packing, the transfer,
+  the sync on the next tokens and the bookkeeping included);
+* ``device``: median wall time of the jitted serving step alone on one packed decode batch,
+  ``--iters`` calls back to back with one sync at the end (dispatch included, no host work
+  between steps);
+* ``kernels``: the GPU kernels' summed time per step from a profiler trace of those calls
+  (a traced run launches kernel by kernel, without command buffers), their number, and
+  the top kernels (calls per step, ms per step).
+
+Variants: ``base`` (no adapter tables), then the model with 64-slot rank-8 tables (all seven
+projections) and 64 adapters loaded, serving ``n`` of them (request i gets adapter
+``i % n``), once per LoRA decode path of ``--paths`` (``pallas_kernels.smlm``'s
+``FUSED_MAX_ROWS`` and ``SMALL_FORWARD`` pick it at trace time, so every path compiles
+afresh).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import statistics
+import time
+
+import jax
+import numpy as np
+
+from loqjax import AdapterRegistry, Engine, EngineConfig, SamplingParams, add_lora_tables
+from loqjax.serve_step import ServeBatch, serve_step
+from pallas_kernels import lora_group_forward
+from pallas_kernels.lora_split import lora_split_forward
+
+from bench_common import (
+    Rows,
+    kernel_profile,
+    load_adapters,
+    measure_ceilings,
+    model_config,
+    num_matmul_params,
+    random_model,
+)
+
+MAX_SLOTS = 64
+PROMPT_LEN = 16
+# (FUSED_MAX_ROWS, SMALL_FORWARD) per decode path: "split" is a split-K shrink and an
+# expand per projection group, "fused" one lora_group launch per group, "two-kernel" a
+# shrink and an expand per projection.
+PATHS = {
+    "split": (256, lora_split_forward),
+    "fused": (256, lora_group_forward),
+    "two-kernel": (0, lora_split_forward),
+}
+# The module itself: the package's ``smlm`` attribute is the function of that name.
+SMLM = importlib.import_module("pallas_kernels.smlm")
+
+
+def held_in_decode(engine: Engine, batch: int, adapters: list[str], seed: int) -> None:
+    """Submits ``batch`` long requests and steps until every one is decoding."""
+    rng = np.random.default_rng(seed)
+    vocab = engine.model_config.vocab_size
+    params = SamplingParams(temperature=0.0, max_tokens=10_000, ignore_eos=True)
+    handles = [
+        engine.submit(
+            rng.integers(0, vocab, PROMPT_LEN).tolist(),
+            adapters[i % len(adapters)] if adapters else None,
+            params,
+        )
+        for i in range(batch)
+    ]
+    while not all(h.output().token_ids for h in handles):
+        engine.step()
+
+
+def engine_steps(engine: Engine, steps: int) -> float:
+    """Median seconds of ``steps`` decode ``Engine.step`` calls."""
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        engine.step()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def device_steps(engine: Engine, iters: int, repeats: int):
+    """(median seconds per step of ``iters`` back-to-back serving steps on one decode batch,
+    a function running ``iters`` of them): the next decode step's batch, re-run; each call
+    rewrites the same cache rows. The engine is not stepped afterwards."""
+    scheduled = engine._schedule()
+    batch = ServeBatch.pack(
+        scheduled.chunks,
+        scheduled.adapter_slots,
+        engine.config,
+        engine.model_config.vocab_size,
+        num_rows=engine._bucket(scheduled.num_tokens),
+    )
+
+    def run():
+        tokens = None
+        for _ in range(iters):
+            tokens, engine._cache = engine._serve_step(
+                engine._serving_states(), engine._cache, batch
+            )
+        return tokens
+
+    jax.block_until_ready(run())
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(run())
+        times.append((time.perf_counter() - start) / iters)
+    return statistics.median(times), run
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tiny", action="store_true", help="tiny model, CPU-sized run")
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--adapters", type=int, nargs="+", default=[1, 64])
+    parser.add_argument("--paths", nargs="+", default=list(PATHS), choices=list(PATHS))
+    parser.add_argument("--steps", type=int, default=20, help="timed engine steps")
+    parser.add_argument("--iters", type=int, default=10, help="device steps per timing")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", default=None, help="append JSON rows to this file")
+    args = parser.parse_args(argv)
+    config = model_config(args.tiny)
+    rows = Rows("decode_step", args.out)
+    ceilings = measure_ceilings(args.tiny)
+    floor_ms = 2 * num_matmul_params(config) / (ceilings["copy_tb_per_s"] * 1e12) * 1e3
+    rows.add(variant="ceilings", floor_step_ms=floor_ms, **ceilings)
+    engine_config = EngineConfig(
+        token_capacity=args.batch,
+        max_seqs=args.batch,
+        page_size=16,
+        num_pages=args.batch * 8 + 1,
+        max_seq_len=128,
+        token_buckets=(args.batch,),
+    )
+    model = random_model(config)
+    variants = [("base", 0, None)]
+    variants += [(f"lora{n}", n, path) for path in args.paths for n in args.adapters]
+    names: list[str] = []
+    for variant, n, path in variants:
+        if n and not names:  # the base is done: give the same model its tables
+            add_lora_tables(model, num_slots=MAX_SLOTS, max_rank=8)
+            registry = AdapterRegistry(model)
+            names = load_adapters(registry, model, MAX_SLOTS)
+        if path is not None:
+            SMLM.FUSED_MAX_ROWS, SMLM.SMALL_FORWARD = PATHS[path]
+        jax.clear_caches()  # the nested layer jits too: the path is read at trace time
+        serve_step.cache_clear()
+        engine = Engine(model, registry if n else None, config=engine_config)
+        start = time.perf_counter()
+        held_in_decode(engine, args.batch, names[:n], seed=1)
+        engine_steps(engine, 2)  # compiles the decode bucket (prefill shares it)
+        warm_s = time.perf_counter() - start
+        engine_s = engine_steps(engine, args.steps)
+        device_s, run = device_steps(engine, args.iters, args.repeats)
+        kernels = kernel_profile(run, top=12)
+        total_ms = kernels[-1]["total_ms"] / args.iters
+        row = rows.add(
+            variant=variant,
+            path=path,
+            n_adapters=n,
+            batch=args.batch,
+            warmup_s=warm_s,
+            engine_step_ms=engine_s * 1e3,
+            device_step_ms=device_s * 1e3,
+            kernels_ms=total_ms,
+            kernels_per_step=kernels[-1]["calls"] / args.iters,
+            floor_step_ms=floor_ms,
+            top_kernels=[
+                dict(k, calls=k["calls"] / args.iters, total_ms=k["total_ms"] / args.iters)
+                for k in kernels[:-1]
+            ],
+        )
+        print(f"--- {variant} {path or ''}: top kernels per step", flush=True)
+        for k in row["top_kernels"]:
+            print(f"    {k['kernel'][:70]:70s} x{k['calls']:6.1f} {k['total_ms']:8.3f} ms")
+    rows.table(
+        [
+            "variant",
+            "path",
+            "batch",
+            "engine_step_ms",
+            "device_step_ms",
+            "kernels_ms",
+            "kernels_per_step",
+            "floor_step_ms",
+            "warmup_s",
+        ]
+    )
+
+
+if __name__ == "__main__":
+    main()

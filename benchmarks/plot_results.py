@@ -1,0 +1,101 @@
+"""Plots of the recorded end-to-end benchmark rows (``benchmarks/results/*.jsonl``), one PNG
+per benchmark, next to them. Runs anywhere (no GPU): it only reads what the GPU runs wrote.
+
+  python benchmarks/plot_results.py
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def rows(name: str) -> list[dict]:
+    return [json.loads(line) for line in (RESULTS / name).read_text().splitlines() if line]
+
+
+def inference() -> Path:
+    ours = [r for r in rows("inference.jsonl") if "decode_tokens_per_s" in r]
+    peft = [r for r in rows("peft.jsonl") if r["benchmark"] == "generate" and r["status"] == "ok"]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=False)
+    for ax, batch in zip(axes, (16, 64), strict=True):
+        labels, mine, theirs = [], [], []
+        for variant, peft_variant in [
+            ("base", "base"),
+            ("lora1", "lora1"),
+            ("lora4", "mixed4"),
+            ("lora16", "mixed16"),
+            ("lora64", "mixed64"),
+        ]:
+            a = [r for r in ours if r["variant"] == variant and r["batch"] == batch]
+            b = [r for r in peft if r["variant"] == peft_variant and r["batch"] == batch]
+            if not a:
+                continue
+            labels.append(variant.replace("lora", "LoRA x"))
+            mine.append(a[0]["decode_tokens_per_s"])
+            theirs.append(b[0]["decode_tokens_per_s"] if b else 0.0)
+        x = range(len(labels))
+        ax.bar([i - 0.2 for i in x], mine, 0.4, label="loqjax Engine")
+        ax.bar([i + 0.2 for i in x], theirs, 0.4, label="HF transformers + peft generate")
+        ax.set_xticks(list(x), labels)
+        ax.set(title=f"decode tokens/s, batch {batch}", ylabel="tokens/s", yscale="log")
+        ax.legend(loc="lower left")
+    fig.suptitle("Llama-3-8B shape, bf16, r=8 on all 7 projections, NVIDIA H200")
+    fig.tight_layout()
+    path = RESULTS / "inference.png"
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def finetune() -> Path:
+    ours = [r for r in rows("finetune_run1.jsonl") if "tokens_per_s" in r]
+    peft = [r for r in rows("peft.jsonl") if r["benchmark"] == "train"]
+    labels = [f"loqjax {r['variant']}" for r in ours] + ["peft 1 adapter"]
+    tps = [r["tokens_per_s"] for r in ours] + [peft[0]["tokens_per_s"]]
+    mem = [r["peak_mem_gib"] for r in ours] + [peft[0]["peak_mem_gib"]]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 4))
+    left.bar(labels, tps, color=["C0"] * len(ours) + ["C1"])
+    left.set(title="fine-tuning tokens/s (2 x 1024 tokens per adapter, AdamW)")
+    right.bar(labels, mem, color=["C0"] * len(ours) + ["C1"])
+    right.set(title="peak device memory (GiB)")
+    fig.tight_layout()
+    path = RESULTS / "finetune.png"
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def unified() -> Path:
+    data = rows("unified_run4.jsonl")
+    alone = next(r for r in data if r["variant"] == "finetune alone")
+    loads = [r for r in data if r["variant"].startswith("rate")]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    names = [r["variant"] for r in loads]
+    left.bar(names, [1e3 * r["tpot_p50"] for r in loads], label="TPOT p50")
+    left.bar(names, [1e3 * r["tpot_p99"] for r in loads], alpha=0.4, label="TPOT p99")
+    left.axhline(45, color="k", ls=":", label="SLO 45 ms")
+    left.set(ylabel="ms", title="serving while 2 adapters fine-tune")
+    left.legend()
+    right.bar(
+        ["alone", *names], [alone["train_tokens_per_s"]] + [r["train_tokens_per_s"] for r in loads]
+    )
+    right.set(ylabel="tokens/s", title="fine-tuning throughput")
+    fig.suptitle("unified runtime, Llama-3-8B shape, H200 (see RESULTS.md: not a good result)")
+    fig.tight_layout()
+    path = RESULTS / "unified.png"
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+if __name__ == "__main__":
+    for plot in (inference, finetune, unified):
+        print(plot())
