@@ -18,7 +18,6 @@ from loqjax import (
     Engine,
     EngineConfig,
     LoraAdapter,
-    Metrics,
     RequestOutput,
     Runtime,
     RuntimeConfig,
@@ -118,7 +117,7 @@ class StepClock:
         return next(self._ticks) * 0.01
 
 
-def make_runtime(metrics: Metrics | None = None) -> Runtime:
+def make_runtime() -> Runtime:
     """A runtime over ``serving_model()`` with ``RUNTIME_CONFIG``; runtimes made here share
     their compiled steps (same model structure, shapes and default optimizer)."""
     model, registry = serving_model()
@@ -127,7 +126,6 @@ def make_runtime(metrics: Metrics | None = None) -> Runtime:
         registry,
         load_tokenizer(DEFAULT_MODEL),
         RUNTIME_CONFIG,
-        metrics=metrics,
         progress=False,
         clock=StepClock(),
         eos_token_ids=(2,),
@@ -195,10 +193,6 @@ class Alone:
         elif self._guest != key:
             self.runtime.replace_adapter(GUEST, adapter)
         self._guest = key
-
-    @property
-    def runs(self) -> int:
-        return len(self._outputs)
 
 
 def same_output(out: RequestOutput, alone: RequestOutput) -> bool:
