@@ -114,8 +114,8 @@ def reference_attention(
 
     Query head h reads kv head ``h // (Hq // Hkv)`` (HF's ``repeat_kv`` order). Scores and
     softmax are float32; the probabilities are cast back to v.dtype for the value product.
-    A query with no visible key (only possible for padding) gets a uniform average instead
-    of NaN, so padding rows stay finite.
+    A query with no visible key (only possible for padding) gets 0 instead of NaN, so
+    padding rows stay finite.
 
     Args:
       q: [T, Hq, D] queries, RoPE applied.
@@ -131,24 +131,71 @@ def reference_attention(
     # Masked pairs get probability (and cotangent) exactly 0, but 0 * NaN = NaN, forward and
     # backward: a non-finite q, k or v in one segment (an adapter slot gone bad, say) would
     # leak into every other. So attend over zeroed copies, then poison exactly the queries
-    # whose own head or visible keys hold a non-finite value.
+    # whose own head or visible keys hold a non-finite value (and, in the backward, see
+    # ``_attend``).
     q, bad_q = _zero_non_finite(q)
     k, bad_k = _zero_non_finite(k)
     v, bad_v = _zero_non_finite(v)
     q = q.reshape(t, num_kv_heads, num_heads // num_kv_heads, head_dim)
-    scores = jnp.einsum("tkgd,skd->kgts", q, k, preferred_element_type=jnp.float32)
-    scores = scores * head_dim**-0.5
     mask = attention_mask(q_pos, k_pos, q_seg, k_seg, sliding_window)
-    # A finite fill keeps fully masked rows NaN-free.
-    scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("kgts,skd->tkgd", probs, v)
+    out = _attend(q, k, v, mask)
     sees_bad = jnp.einsum(
         "ts,sk->tk", mask.astype(jnp.float32), (bad_k | bad_v).astype(jnp.float32)
     )
     poisoned = (sees_bad > 0)[:, :, None] | bad_q.reshape(t, num_kv_heads, -1)
     out = jnp.where(poisoned[..., None], jnp.nan, out)
     return out.reshape(t, num_heads, head_dim)
+
+
+@jax.custom_vjp
+def _attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    """Masked softmax attention of finite q [T, Hkv, G, D] over finite k, v [S, Hkv, D];
+    mask bool [T, S]. Out [T, Hkv, G, D] in v.dtype.
+
+    Values overflow inside it too (finite q and k whose scores are infinite: an adapter
+    diverging), and its backward keeps a non-finite cotangent in its segment: one on a
+    live query row (a row whose later layers overflowed) would reach every key row
+    through the masked pairs' zero probabilities (0 * NaN in the value product). So the
+    gradients are computed from the zeroed cotangent, then poisoned (NaN) exactly where
+    the exact gradient is non-finite: the query rows with such a cotangent, and the key
+    and value rows they see.
+    """
+    return _attend_impl(q, k, v, mask)
+
+
+def _attend_impl(q, k, v, mask):
+    head_dim = q.shape[-1]
+    scores = jnp.einsum("tkgd,skd->kgts", q, k, preferred_element_type=jnp.float32)
+    scores = scores * head_dim**-0.5
+    # A finite fill keeps fully masked rows NaN-free; the select after the softmax makes
+    # masked probabilities exactly 0 even in a row whose own scores overflowed (its
+    # normalisation is NaN), and drops their cotangents (which overflow when a masked key's
+    # value is huge) before the softmax backward sums them over the row.
+    scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+    probs = jnp.where(mask, jax.nn.softmax(scores, axis=-1), 0.0).astype(v.dtype)
+    return jnp.einsum("kgts,skd->tkgd", probs, v)
+
+
+def _attend_fwd(q, k, v, mask):
+    return _attend_impl(q, k, v, mask), (q, k, v, mask)
+
+
+def _attend_bwd(residuals, g):
+    q, k, v, mask = residuals
+    g, bad_g = _zero_non_finite(g.reshape(g.shape[0], -1, g.shape[-1]))
+    g = g.reshape(q.shape[:-1] + g.shape[-1:])
+    bad_g = bad_g.reshape(q.shape[:-1])  # [T, Hkv, G]
+    _, vjp = jax.vjp(lambda q, k, v: _attend_impl(q, k, v, mask), q, k, v)
+    dq, dk, dv = vjp(g)
+    seen = jnp.einsum("ts,tk->sk", mask.astype(jnp.float32), bad_g.any(-1).astype(jnp.float32))
+    nan = jnp.array(jnp.nan, dq.dtype)
+    dq = jnp.where(bad_g[..., None], nan, dq)
+    dk = jnp.where((seen > 0)[..., None], nan, dk)
+    dv = jnp.where((seen > 0)[..., None], nan, dv)
+    return dq, dk, dv, None
+
+
+_attend.defvjp(_attend_fwd, _attend_bwd)
 
 
 def _zero_non_finite(x: jax.Array) -> tuple[jax.Array, jax.Array]:

@@ -70,6 +70,7 @@ class Metrics:
         self.trained_tokens: collections.Counter[str] = collections.Counter()
         self.train_loss: dict[str, list[tuple[int, float]]] = collections.defaultdict(list)
         self.eval_loss: dict[str, list[tuple[int, float]]] = collections.defaultdict(list)
+        self.job_events: list[dict[str, Any]] = []
         self.num_steps = 0
 
     def _log(self, event: str, **fields: Any) -> None:
@@ -110,11 +111,28 @@ class Metrics:
         self.eval_loss[job].append((update, loss))
         self._log("eval", job=job, update=update, loss=loss)
 
+    def job(
+        self,
+        job: str,
+        status: str,
+        update: int,
+        reason: str | None = None,
+        eval_loss: float | None = None,
+    ) -> None:
+        """A job's status change at update ``update``: "paused", with why and the held-out
+        loss of the weights it keeps, or "running" again."""
+        event = dict(job=job, status=status, update=update, reason=reason, eval_loss=eval_loss)
+        self.job_events.append(event)
+        self._log("job", **event)
+
     def summary(self) -> dict[str, Any]:
         """{"overall": ..., "adapters": {name: ...}}: tokens/s, latency percentiles (s),
         SLO attainment (share of finished requests meeting both targets)."""
         seconds = max((self.end or 0.0) - (self.start or 0.0), 1e-9)
-        names = sorted({*self.served_tokens, *self.trained_tokens, *self.train_loss})
+        names = sorted(
+            {*self.served_tokens, *self.trained_tokens, *self.train_loss}
+            | {e["job"] for e in self.job_events}
+        )
 
         def report(requests, served, trained, name=None) -> dict[str, Any]:
             out = {
@@ -131,6 +149,9 @@ class Metrics:
             if name in self.train_loss:
                 out["train_loss"] = self.train_loss[name]
                 out["eval_loss"] = self.eval_loss[name]
+            events = [e for e in self.job_events if e["job"] == name]
+            if events:
+                out["job_events"] = events
             return out
 
         adapters = {

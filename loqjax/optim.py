@@ -13,6 +13,11 @@ the count, so k micro-steps equal one step on their union batch, the loss being 
 over all of a slot's loss tokens. Slots change only where ``jnp.where`` on the slot axis
 selects them: the params and state of every other slot stay bit-identical.
 
+Nothing non-finite gets in: a micro-batch whose loss or gradient is NaN or infinite is
+dropped for its slot, and an update that would make a slot's weights non-finite (a
+learning rate that overflows them, a corrupted moment) is not applied; both are reported
+per slot (``SlotUpdate.nonfinite``), the slot keeping its bits.
+
 Low-precision tables (bf16 adapters, computed in the base's dtype) keep a float32 master
 copy in the optimizer state: the transformation updates the master, and the tables get
 its rounding. Updating bf16 weights in place would lose every update below their 8-bit
@@ -23,6 +28,8 @@ Hyperparameters are float32 whatever the params' dtype (bf16 would round b2 = 0.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
 from typing import NamedTuple
 
 import jax
@@ -73,6 +80,13 @@ def slot_norms(tree) -> jax.Array:
     return jnp.sqrt(sum(squares))
 
 
+def slot_finite(tree) -> jax.Array:
+    """bool [N]: every floating-point entry of slot i of every [N, ...] leaf is finite."""
+    leaves = [leaf for leaf in jax.tree.leaves(tree) if jnp.issubdtype(leaf.dtype, jnp.inexact)]
+    finite = [jnp.all(jnp.isfinite(leaf).reshape(leaf.shape[0], -1), axis=1) for leaf in leaves]
+    return functools.reduce(jnp.logical_and, finite)
+
+
 def slot_where(mask: jax.Array, new, old):
     """Per leaf, slot i of ``new`` where ``mask[i]``, else of ``old`` (bool [N] mask)."""
     return jax.tree.map(
@@ -113,7 +127,9 @@ class SlotUpdate:
     Attributes:
       updated: bool, the slot's params and state took a step.
       nonfinite: bool, the slot's loss or gradient in this micro-batch was NaN or
-        infinite; that contribution was dropped.
+        infinite (that contribution was dropped), or its update would have made its
+        weights non-finite (the update was not applied, and the slot's params and state
+        are bit-identical to before the call).
       grad_norm: float32, global norm of the applied mean gradient (before clipping);
         0 where not updated.
     """
@@ -160,7 +176,9 @@ class SlotOptimizer:
 
         A slot whose micro-batch loss or gradient is non-finite contributes nothing
         (reported in ``SlotUpdate.nonfinite``); if it has no earlier tokens either, it
-        is not updated. Pure and jittable.
+        is not updated. A slot whose update would leave a non-finite weight is not
+        updated either, and keeps its params and state bit-identical, this micro-batch
+        dropped (also reported in ``nonfinite``). Pure and jittable.
 
         Args:
           params: leaves [N, ...].
@@ -194,11 +212,19 @@ class SlotOptimizer:
             weights,
         )
         updates, inner = jax.vmap(self.tx.update)(mean_grads, state.inner, weights)
-        new_weights = slot_where(ready, optax.apply_updates(weights, updates), weights)
+        stepped = optax.apply_updates(weights, updates)
+        rounded = jax.tree.map(lambda m, p: m.astype(p.dtype), stepped, params)
+        # An update that overflows the weights (or comes from corrupt moments) is refused:
+        # the slot keeps its bits, this micro-batch dropped as a non-finite one would be.
+        # Only the weights are checked: some optax states hold infinities by design.
+        overflow = ready & ~(slot_finite(stepped) & slot_finite(rounded))
+        ready = ready & ~overflow
+        grad_sum = slot_where(overflow, state.grad_sum, grad_sum)
+        total = jnp.where(overflow, state.num_tokens, total)
+        new_weights = slot_where(ready, stepped, weights)
         if state.master is None:
             new_params, master = new_weights, None
         else:
-            rounded = jax.tree.map(lambda m, p: m.astype(p.dtype), new_weights, params)
             new_params, master = slot_where(ready, rounded, params), new_weights
         new_state = SlotOptState(
             slot_where(ready, inner, state.inner),
@@ -207,7 +233,7 @@ class SlotOptimizer:
             master,
         )
         grad_norm = jnp.where(ready, slot_norms(mean_grads), 0.0)
-        return new_params, new_state, SlotUpdate(ready, nonfinite, grad_norm)
+        return new_params, new_state, SlotUpdate(ready, nonfinite | overflow, grad_norm)
 
     def set_hyperparams(self, state: SlotOptState, slot: int, **values: float) -> SlotOptState:
         """Sets hyperparameters of one slot (``tx`` must be ``optax.inject_hyperparams``).
@@ -217,11 +243,14 @@ class SlotOptimizer:
 
         Raises:
           KeyError: a name that is not a hyperparameter of ``tx``.
+          ValueError: a value that is not a real number, NaN, or finite but infinite in
+            the hyperparameter's dtype (1e39 overflows float32; ``inf`` itself is allowed:
+            ``adamw(max_grad_norm=inf)`` disables clipping).
         """
+        self.check_hyperparams(state, values)
+        if not values:
+            return state
         hyperparams = state.inner.hyperparams
-        unknown = sorted(set(values) - set(hyperparams))
-        if unknown:
-            raise KeyError(f"unknown hyperparameters {unknown}; known: {sorted(hyperparams)}")
         names = sorted(values)
         current = {name: hyperparams[name] for name in names}
         new = write_slot(
@@ -231,6 +260,30 @@ class SlotOptimizer:
         )
         inner = state.inner._replace(hyperparams={**hyperparams, **new})
         return state._replace(inner=inner)
+
+    def check_hyperparams(self, state: SlotOptState, values: dict[str, float]) -> None:
+        """Raises what ``set_hyperparams`` would for ``values``, writing nothing (no
+        values: nothing to check, whatever the transformation)."""
+        if not values:
+            return
+        hyperparams = getattr(state.inner, "hyperparams", None)
+        if hyperparams is None:
+            raise KeyError(
+                f"hyperparameters {sorted(values)} given, but the optimizer has none: build "
+                "its transformation with optax.inject_hyperparams"
+            )
+        unknown = sorted(set(values) - set(hyperparams))
+        if unknown:
+            raise KeyError(f"unknown hyperparameters {unknown}; known: {sorted(hyperparams)}")
+        for name, value in values.items():
+            real = isinstance(value, int | float | np.integer | np.floating)
+            if isinstance(value, bool) or not real or math.isnan(value):
+                raise ValueError(f"hyperparameter {name}={value!r} is not a number")
+            dtype = hyperparams[name].dtype
+            with np.errstate(over="ignore"):
+                cast = np.asarray(value, dtype)
+            if math.isfinite(value) and not np.isfinite(cast):
+                raise ValueError(f"hyperparameter {name}={value!r} overflows {dtype}")
 
     def reset_slot(self, state: SlotOptState, params: optax.Params, slot: int) -> SlotOptState:
         """Restarts one slot from a fresh ``tx.init`` (step count 0, default

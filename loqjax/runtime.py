@@ -22,7 +22,25 @@ share of the step time.
 Adapter lifecycle: ``add_job`` loads a fresh adapter into the registry under the job's
 name, so requests can name it from then on and get its current weights (the tables are
 shared); when the job ends it stops training, and the registry entry stays, served as any
-other adapter. Jobs and requests are added between steps (one thread).
+other adapter. Adapters change through the runtime (``load_adapter``, ``replace_adapter``,
+``unload_adapter``), not the registry directly: the runtime steps on its own copy of the
+tables (see ``sync_model``). Jobs and requests are added between steps (one thread).
+
+A job whose loss goes non-finite is paused (``JobRun.status`` "running" -> "paused", the
+reason in ``JobRun.failure``, a "paused" metrics event): the first step in which its
+micro-batch loss or gradient is NaN or infinite, or its update would make its weights
+non-finite, drops that micro-batch (``SlotOptimizer``), and the job gets no training rows
+from then on; every other job trains on and every request is served as before. Its
+adapter keeps the weights the optimizer last accepted, finite (neither the registry nor
+the optimizer lets a non-finite weight into the tables) and bit-identical to those before
+the failing step, unless that step was to complete an update: the optimizer then applies
+the update's earlier micro-batches without the dropped one. It stays loaded and servable.
+Those are the weights the non-finite loss was computed with: when they are themselves what
+diverged (a learning rate so large that the forward overflows), the held-out loss the
+pause measures (in the event and the failure message) is not finite either, and the way
+on is earlier weights (a checkpoint's, through ``replace_adapter``) before ``resume_job``.
+``resume_job`` goes on training a paused job, optionally with a fresh optimizer state or
+other hyperparameters.
 """
 
 from __future__ import annotations
@@ -32,9 +50,11 @@ import functools
 import math
 import time
 from collections.abc import Callable, Sequence
+from typing import Literal
 
 import jax
 from flax import nnx
+from jax.tree_util import PyTreeDef
 from tqdm.auto import tqdm
 
 from loqjax.adapter import LoraAdapter
@@ -43,7 +63,7 @@ from loqjax.jobs import DatasetError, DuplicateJobError, Example, FineTuneJob, e
 from loqjax.leaves import Leaves
 from loqjax.metrics import BASE, Metrics, RequestRecord
 from loqjax.model import CausalLM
-from loqjax.optim import SlotOptimizer
+from loqjax.optim import SlotOptimizer, slot_finite
 from loqjax.registry import AdapterRegistry
 from loqjax.scheduler import EngineConfig
 from loqjax.serve_step import ServeRows, serve_step
@@ -102,13 +122,18 @@ class RuntimeConfig:
         return self.unified_serve_rows or self.serving.token_capacity
 
 
+JobStatus = Literal["running", "paused", "done"]
+
+
 class JobRun:
     """A fine-tuning job in progress: its slot, splits, progress and losses.
 
     Attributes:
       updates / total_updates: optimizer updates done / planned.
-      trained_tokens: training rows (tokens) it has had so far.
+      trained_tokens: training rows (tokens) it has had so far, not counting dropped
+        (non-finite) micro-batches.
       train_loss, eval_loss: (update, mean completion-token loss) points.
+      failure: why the job is paused, or None (see ``status``).
     """
 
     def __init__(self, job: FineTuneJob, slot: int, train: list[Example], held_out, total):
@@ -127,6 +152,7 @@ class JobRun:
         self._loss_sum = 0.0
         self._loss_tokens = 0
         self.progress: tqdm | None = None
+        self.failure: str | None = None
 
     @property
     def name(self) -> str:
@@ -136,12 +162,51 @@ class JobRun:
     def done(self) -> bool:
         return self.updates >= self.total_updates
 
+    @property
+    def paused(self) -> bool:
+        return self.failure is not None
+
+    @property
+    def status(self) -> JobStatus:
+        """The job's state: "paused" after a non-finite step (until
+        ``Runtime.resume_job``), else "done" once every planned update is made, else
+        "running"."""
+        if self.paused:
+            return "paused"
+        return "done" if self.done else "running"
+
     def take(self, room: int) -> Example | None:
         """The next training example if it fits in ``room`` rows."""
         if len(self._next.tokens) > room:
             return None
         example, self._next = self._next, next(self._stream)
         return example
+
+
+DEFAULT_OPTIMIZER = SlotOptimizer()
+
+
+@functools.cache
+def _unified_step(
+    graphdef: nnx.GraphDef,
+    optimizer: SlotOptimizer,
+    backward: Backward,
+    leaves_of: tuple[PyTreeDef, PyTreeDef],
+):
+    """One jitted unified step per model structure, optimizer, backward and state
+    structures, shared by the runtimes that have them in common (as ``serve_step`` is by
+    engines); it takes and returns leaves (``loqjax.leaves``)."""
+    return make_unified_step(graphdef, optimizer, backward=backward, leaves_of=leaves_of)
+
+
+@functools.cache
+def _eval_losses(graphdef: nnx.GraphDef):
+    return jax.jit(functools.partial(slot_losses, graphdef))
+
+
+@jax.jit
+def _slot_finite(params) -> jax.Array:
+    return slot_finite(params)
 
 
 class Runtime(Engine):
@@ -178,15 +243,17 @@ class Runtime(Engine):
           tokenizer: HF tokenizer (or checkpoint directory) for text prompts and text
             datasets; None for token ids only.
           config: step shapes and policy.
-          optimizer: per-slot optimizer of every job (default ``SlotOptimizer()``: AdamW;
-            a job's ``hyperparams`` set its own slot's values).
+          optimizer: per-slot optimizer of every job (default ``DEFAULT_OPTIMIZER``,
+            ``SlotOptimizer()``: AdamW; a job's ``hyperparams`` set its own slot's
+            values). Runtimes of one model structure and optimizer share their compiled
+            steps.
           metrics: where events go; default an in-memory ``Metrics``.
           progress: a tqdm bar per job.
           clock: seconds; injectable for tests.
           engine_kwargs: ``eos_token_ids``, ``cache_dtype``, ``seed`` of ``Engine``.
         """
         self.runtime_config = config or RuntimeConfig()
-        self.optimizer = optimizer or SlotOptimizer()
+        self.optimizer = optimizer or DEFAULT_OPTIMIZER
         super().__init__(
             model, registry, tokenizer, self.runtime_config.serving, clock=clock, **engine_kwargs
         )
@@ -197,13 +264,9 @@ class Runtime(Engine):
         self.progress = progress
         self.jobs: dict[str, JobRun] = {}
         backward = self.runtime_config.backward
-        self._step = make_unified_step(
-            self._graphdef,
-            self.optimizer,
-            backward=backward,
-            leaves_of=(self._frozen_leaves.treedef, self._train_leaves.treedef),
-        )
-        self._losses = jax.jit(functools.partial(slot_losses, self._graphdef))
+        leaves_of = (self._frozen_leaves.treedef, self._train_leaves.treedef)
+        self._step = _unified_step(self._graphdef, self.optimizer, backward, leaves_of)
+        self._losses = _eval_losses(self._graphdef)
         self._unified_seconds: float | None = None  # moving average of warm unified steps
         self._ran: set[tuple] = set()  # step variants run at least once (compiled)
         self._train_seconds = 0.0  # step time while jobs were active, training / all
@@ -242,7 +305,10 @@ class Runtime(Engine):
 
     def sync_model(self) -> None:
         """Writes the trained tables back into ``model`` (the step donates its buffers);
-        call before using the model or registry directly."""
+        call before reading the model or the registry directly (``registry.export``).
+        Change adapters through ``load_adapter``, ``replace_adapter`` and
+        ``unload_adapter``: a registry write donates the tables, which are then the
+        runtime's own."""
         nnx.update(self.model, self._state.params)
 
     def load_adapter(self, name: str, adapter: LoraAdapter) -> int:
@@ -252,22 +318,71 @@ class Runtime(Engine):
         self._refresh(slot)
         return slot
 
+    def replace_adapter(self, name: str, adapter: LoraAdapter) -> int:
+        """Gives adapter ``name`` new weights in its slot, served from the next step on;
+        returns the slot. A paused job's adapter too (e.g. with the weights of an earlier
+        checkpoint, before ``resume_job``): its optimizer state restarts then, with the
+        job's hyperparameters, the micro-batches accumulated before the failure dropped;
+        its update count goes on.
+
+        Raises:
+          ValueError: a running job trains ``name``;
+          and the registry's ``UnknownAdapterError`` and ``check`` errors.
+        """
+        run = self.jobs.get(name)
+        if run is not None and run.status == "running":
+            raise ValueError(f"adapter {name!r} is being trained by a running job")
+        self.sync_model()
+        slot = self.registry.replace(name, adapter)
+        paused = run is not None and run.paused
+        self._refresh(slot, run.job.hyperparams if paused else None)
+        if paused:
+            run._rows, run._loss_sum, run._loss_tokens = 0, 0.0, 0
+        return slot
+
+    def unload_adapter(self, name: str) -> None:
+        """Unloads a serving adapter, or the adapter of a done or paused job (the paused
+        job is dropped: it cannot resume without it); requests still naming it are
+        aborted at their next step.
+
+        Raises:
+          ValueError: a running job trains ``name``;
+          and the registry's ``UnknownAdapterError``.
+        """
+        run = self.jobs.get(name)
+        if run is not None and run.status == "running":
+            raise ValueError(f"adapter {name!r} is being trained by a running job")
+        slot = self.registry.info(name).slot
+        self.sync_model()
+        self.registry.unload(name)
+        self._refresh(slot)
+        if run is not None and run.paused:
+            del self.jobs[name]
+
     def add_job(self, job: FineTuneJob) -> JobRun:
         """Starts ``job``: loads its fresh adapter (servable from now on) and measures its
         eval loss at update 0.
 
         Raises:
-          DuplicateJobError: a job for ``job.name`` is still running.
+          DuplicateJobError: a job for ``job.name`` is still running, or paused.
           DatasetError: bad records, or token ids outside the vocabulary;
-          ValueError: an example longer than ``train_rows``;
+          ValueError: an example longer than ``train_rows``, or a hyperparameter value
+            that is not a number or overflows;
+          KeyError: a hyperparameter the optimizer does not have;
           and the registry's ``AdapterError``s (name taken, table full, bad config).
         """
         running = self.jobs.get(job.name)
-        if running is not None and not running.done:
+        if running is not None and running.status == "running":
             raise DuplicateJobError(
                 f"adapter {job.name!r} is already being trained ({running.updates} of "
                 f"{running.total_updates} updates done); wait for that job to finish"
             )
+        if running is not None and running.paused:
+            raise DuplicateJobError(
+                f"adapter {job.name!r} has a paused job ({running.failure}); resume it "
+                f"with resume_job({job.name!r})"
+            )
+        self.optimizer.check_hyperparams(self._state.opt, job.hyperparams)
         train, held_out = job.examples(self.tokenizer)
         vocab = self.model_config.vocab_size
         if any(int(e.tokens.max()) >= vocab for e in train + held_out):
@@ -305,11 +420,13 @@ class Runtime(Engine):
 
     @property
     def idle(self) -> bool:
-        return not self._requests and all(run.done for run in self.jobs.values())
+        """No request in flight and no job running (paused jobs wait for
+        ``resume_job``)."""
+        return not self._requests and all(run.status != "running" for run in self.jobs.values())
 
     def run_until_idle(self, between_steps: Callable[[Runtime], None] | None = None) -> None:
-        """Steps until every request is answered and every job done; ``between_steps``
-        runs before each step (e.g. to submit traffic)."""
+        """Steps until every request is answered and every job done or paused;
+        ``between_steps`` runs before each step (e.g. to submit traffic)."""
         while True:
             if between_steps is not None:
                 between_steps(self)
@@ -329,7 +446,7 @@ class Runtime(Engine):
     def step(self) -> bool:
         """One step; False when there was nothing to do."""
         start = self.clock()
-        active = [run for run in self.jobs.values() if not run.done]
+        active = [run for run in self.jobs.values() if run.status == "running"]
         train, scheduled, rows = [], None, {}
         if active and self._wants_training(start):
             scheduled = self._schedule(self.runtime_config.serve_rows)
@@ -339,11 +456,16 @@ class Runtime(Engine):
             out = self._run_unified(
                 train, self._serve_rows(scheduled or ScheduledStep((), ())), active
             )
-            next_tokens, loss, num_tokens = jax.device_get(
-                (out.next_tokens, out.loss, out.num_tokens)
+            next_tokens, loss, num_tokens, updated, nonfinite = jax.device_get(
+                (out.next_tokens, out.loss, out.num_tokens, out.updated, out.nonfinite)
             )
             for run in active:
-                self._account(run, rows[run.name], float(loss[run.slot]), int(num_tokens[run.slot]))
+                slot = run.slot
+                if nonfinite[slot]:  # its micro-batch was dropped
+                    rows[run.name] = 0
+                    self._fail(run, float(loss[slot]), bool(updated[slot]))
+                else:
+                    self._account(run, rows[run.name], float(loss[slot]), int(num_tokens[slot]))
         else:
             scheduled = scheduled or self._schedule()
             if scheduled is None:
@@ -384,6 +506,9 @@ class Runtime(Engine):
         accumulate = [
             run.slot for run in active if run._rows + rows[run.name] < run.job.batch_tokens
         ]
+        # A paused job may hold micro-batches accumulated before it failed: they wait
+        # for resume_job, they are not applied by other jobs' steps.
+        accumulate += [run.slot for run in self.jobs.values() if run.paused]
         batch = UnifiedBatch.pack_cached(
             sequences,
             serve,
@@ -463,10 +588,84 @@ class Runtime(Engine):
         if run.done and run.progress is not None:
             run.progress.close()
 
+    def _fail(self, run: JobRun, loss: float, updated: bool) -> None:
+        """Pauses ``run`` after a step whose micro-batch for it was non-finite: the
+        optimizer dropped it, and still applied the update's earlier micro-batches if this
+        step was to complete the update (``updated``)."""
+        if updated:
+            self._finish_update(run)
+            failing = f"the last micro-batch of update {run.updates} (applied without it)"
+        else:
+            failing = f"update {run.updates + 1}"
+        cause = (
+            f"the training loss was {loss}"
+            if not math.isfinite(loss)
+            else "its gradient, or the update, was not finite"
+        )
+        eval_loss = self._eval_loss(run)
+        finite = bool(jax.device_get(_slot_finite(self._state.params))[run.slot])
+        kept = f"weights of update {run.updates} kept"
+        if not finite:  # not through the registry or the optimizer: a corrupted table
+            kept += ", and they are not finite"
+        elif eval_loss is not None:
+            kept += f" (held-out loss {eval_loss:.4g})"
+        run.failure = f"{failing}: {cause}; paused, the {kept}"
+        self.metrics.job(run.name, "paused", run.updates, run.failure, eval_loss)
+        if run.progress is not None:
+            run.progress.set_postfix(status="paused")
+
+    def resume_job(
+        self, name: str, *, reset_optimizer: bool = False, **hyperparams: float
+    ) -> JobRun:
+        """Goes on training a paused job from its kept weights, at its next example.
+
+        Args:
+          name: the job's (and its adapter's) name.
+          reset_optimizer: start its slot's optimizer afresh (step count 0, moments and
+            micro-batches accumulated before the failure dropped, the job's own
+            hyperparameters), e.g. after a corrupted optimizer state; else it goes on
+            with the state it had.
+          hyperparams: new values of its slot's hyperparameters (e.g. a lower
+            ``learning_rate``), applied after any reset.
+
+        Raises:
+          KeyError: no job ``name``, or an unknown hyperparameter;
+          ValueError: the job is not paused, or a hyperparameter value is not a number or
+            overflows. Nothing changes then.
+        """
+        run = self.jobs.get(name)
+        if run is None:
+            raise KeyError(f"no fine-tuning job {name!r}; jobs: {sorted(self.jobs)}")
+        if not run.paused:
+            raise ValueError(f"job {name!r} is {run.status}, not paused")
+        self.optimizer.check_hyperparams(self._state.opt, hyperparams)
+        opt = self._state.opt
+        if reset_optimizer:
+            opt = self.optimizer.reset_slot(opt, self._state.params, run.slot)
+            if run.job.hyperparams:
+                opt = self.optimizer.set_hyperparams(opt, run.slot, **run.job.hyperparams)
+            run._rows, run._loss_sum, run._loss_tokens = 0, 0.0, 0
+        if hyperparams:
+            opt = self.optimizer.set_hyperparams(opt, run.slot, **hyperparams)
+        self._state = TrainState(self._state.params, opt)
+        run.failure = None
+        self.metrics.job(name, "running", run.updates)
+        if run.progress is not None:
+            run.progress.set_postfix(status="resumed")
+        return run
+
     def _evaluate(self, run: JobRun) -> None:
-        """Mean completion-token loss of the job's held-out split (forward only)."""
+        """Records the job's held-out loss at its current update."""
+        loss = self._eval_loss(run)
+        if loss is not None:
+            run.eval_loss.append((run.updates, loss))
+            self.metrics.eval(run.name, run.updates, loss)
+
+    def _eval_loss(self, run: JobRun) -> float | None:
+        """Mean completion-token loss of the job's held-out split (forward only); None
+        without one."""
         if not run.eval_examples:
-            return
+            return None
         config = self.runtime_config
         total, count = 0.0, 0
         for chunk in _chunks(run.eval_examples, config.train_rows, config.max_train_seqs):
@@ -483,9 +682,7 @@ class Runtime(Engine):
             _, (losses, counts, _, _) = self._losses(self._frozen, self._state.params, batch)
             total += float(losses[run.slot])
             count += int(counts[run.slot])
-        loss = total / max(count, 1)
-        run.eval_loss.append((run.updates, loss))
-        self.metrics.eval(run.name, run.updates, loss)
+        return total / max(count, 1)
 
 
 def _chunks(examples: Sequence[Example], rows: int, seqs: int):

@@ -29,8 +29,14 @@ layout precondition the visible keys are a row interval, so "sees a bad key" is 
 cumulative max over rows. In the backward, poisoned and padding queries get a zero
 cotangent (a select, so a NaN cotangent is dropped too) and ``lse = +inf`` (their
 probabilities are exactly 0); this gives the reference's gradients, which are 0 for
-every non-finite input element and unchanged for every other segment. (A non-finite
-cotangent on a live query row still spreads, as through the reference.)
+every non-finite input element and unchanged for every other segment. Values can also
+overflow inside the kernels (finite q and k with infinite scores: an adapter diverging),
+so the masked pairs of the straddling blocks go through selects, not products with 0.
+A non-finite cotangent on a live query row (one whose later layers overflowed) is
+zeroed the same way, and the gradients it would make non-finite are then set to NaN, as the
+reference's: that query's dq row and the dk/dv rows of the keys it sees (under the
+precondition, the keys from its segment start, or window, up to itself); every other
+gradient is as without it.
 
 Kernels (grids are (block, head); refs are whole ``[T, D]`` heads, sliced in-kernel):
 
@@ -487,6 +493,8 @@ def _dq_kernel(
             s = jnp.where(visible, s, MASK_VALUE)
         p = jnp.exp2(s - lse[:, None])
         ds = p * (_dot(do, v, trans_b=True) - delta[:, None])
+        if masked:  # a select: 0 * inf (a huge masked value) would be NaN
+            ds = jnp.where(visible, ds, 0.0)
         return dq + _dot(ds.astype(k.dtype), k)
 
     bounds = [bounds_ref[i, q_block] for i in range(4)]
@@ -533,8 +541,12 @@ def _dkv_kernel(
             visible = _visible(seg_ref[rows], pos_ref[rows], seg_k, pos_k, window)
             s = jnp.where(visible, s, MASK_VALUE)
         p = jnp.exp2(s - lse[:, None])
+        if masked:  # a select: a query whose scores overflowed has lse NaN, so p NaN
+            p = jnp.where(visible, p, 0.0)
         dv = dv + _dot(p.astype(do.dtype), do, trans_a=True)
         ds = p * (_dot(do, v, trans_b=True) - delta[:, None])
+        if masked:
+            ds = jnp.where(visible, ds, 0.0)
         dk = dk + _dot(ds.astype(q.dtype), q, trans_a=True)
         return dk, dv
 
@@ -693,12 +705,32 @@ def _packed_attention_bwd(cfg, residuals, do):
     dead = status != 0  # [Hq, P]: padding and poisoned queries get no gradient
     dead_rows = dead[:, :num_rows].T[..., None]  # [T, Hq, 1]
     do = jnp.where(dead_rows, jnp.zeros((), do.dtype), do)  # a select: drops NaN too
+    do, bad_do = _sanitise(do)  # live rows' non-finite cotangents: poisoned below
     delta = jnp.sum(out.astype(jnp.float32) * do.astype(jnp.float32), axis=-1)
     delta = jnp.where(dead_rows[..., 0], 0.0, delta).T  # out is NaN on poisoned rows
     delta = jnp.pad(delta, ((0, 0), (0, lse.shape[1] - num_rows)))
     lse = jnp.where(dead, jnp.inf, lse)  # exp2(s - inf) = 0: dead rows contribute nothing
     dq, dk, dv = _backward(cfg, q, k, v, layout, lse, delta, do.astype(v.dtype))
+    dq, dk, dv = _poison_grads(dq, dk, dv, bad_do, layout, cfg.sliding_window)
     return dq, dk, dv, None, None
+
+
+def _poison_grads(dq, dk, dv, bad_do, layout: _Layout, window: int | None):
+    """The gradients with NaN where a non-finite cotangent (bool [T, Hq], which query
+    rows had one) makes the reference's non-finite: those dq rows, and the dk/dv rows
+    of every key their queries see. A key row is seen by the query rows from itself to
+    its last visible row, so it is poisoned iff the first bad row at or after it is
+    within that span."""
+    num_rows, num_heads = bad_do.shape
+    num_kv_heads = dk.shape[1]
+    bad_kv = bad_do.reshape(num_rows, num_kv_heads, num_heads // num_kv_heads).any(axis=-1)
+    row = jnp.arange(num_rows, dtype=jnp.int32)[:, None]
+    next_bad = lax.cummin(jnp.where(bad_kv, row, _BIG), axis=0, reverse=True)  # [T, Hkv]
+    seen = next_bad <= _last_visible_row(layout, window)[:num_rows, None]
+    dq = jnp.where(bad_do[..., None], jnp.array(jnp.nan, dq.dtype), dq)
+    dk = jnp.where(seen[..., None], jnp.array(jnp.nan, dk.dtype), dk)
+    dv = jnp.where(seen[..., None], jnp.array(jnp.nan, dv.dtype), dv)
+    return dq, dk, dv
 
 
 _packed_attention.defvjp(_packed_attention_fwd, _packed_attention_bwd)

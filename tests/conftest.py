@@ -3,9 +3,6 @@ adapter tables, and shared jitted forwards."""
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import pytest
 from flax import nnx
 
@@ -21,17 +18,6 @@ from hf_reference import (
     make_peft_model,
     make_torch_model,
 )
-
-
-@pytest.fixture(scope="session")
-def subprocess_env() -> dict[str, str]:
-    """``os.environ`` with this checkout first on PYTHONPATH, so that the scripts the tests
-    run in fresh processes import the code under test, not an installed copy."""
-    root = str(Path(__file__).parent.parent)
-    return {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])),
-    }
 
 
 @pytest.fixture(scope="session")

@@ -44,6 +44,11 @@ from hf_reference import LORA_MAX_RANK, LORA_NUM_SLOTS, PEFT_ADAPTERS
 
 ARCH = "llama2"
 TESTS = Path(__file__).resolve().parent
+# Subprocesses import this checkout's packages, whatever is installed.
+SUBPROCESS_ENV = {
+    **os.environ,
+    "PYTHONPATH": os.pathsep.join(filter(None, [str(TESTS.parent), os.environ.get("PYTHONPATH")])),
+}
 SLOT = {name: slot for slot, name in enumerate(PEFT_ADAPTERS)}  # conftest load order
 
 
@@ -63,9 +68,15 @@ def _table_bytes(model) -> dict:
     }
 
 
-def _run(args: list[str], **kwargs) -> subprocess.CompletedProcess:
+def _run(args: list[str], env: dict | None = None, **kwargs) -> subprocess.CompletedProcess:
+    """``python *args`` from the repository root, ``env`` added to ``SUBPROCESS_ENV``."""
     return subprocess.run(
-        [sys.executable, *args], capture_output=True, text=True, cwd=TESTS.parent, **kwargs
+        [sys.executable, *args],
+        capture_output=True,
+        text=True,
+        cwd=TESTS.parent,
+        env={**SUBPROCESS_ENV, **(env or {})},
+        **kwargs,
     )
 
 
@@ -237,7 +248,7 @@ def test_default_directories_and_their_override(source, monkeypatch, tmp_path):
             AdapterCheckpoints(model, name)
 
 
-def test_a_save_killed_mid_write_leaves_the_previous_step(tmp_path, subprocess_env):
+def test_a_save_killed_mid_write_leaves_the_previous_step(tmp_path):
     """SIGKILL while step 1 (44 MB) is being written: step 0 stays the newest and restores
     exactly; only a temporary directory is left, and saving step 1 again works."""
     directory = tmp_path / "big"
@@ -246,7 +257,7 @@ def test_a_save_killed_mid_write_leaves_the_previous_step(tmp_path, subprocess_e
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,
-        env=subprocess_env,
+        env=SUBPROCESS_ENV,
     )
     try:
         assert proc.stdout.readline().strip() == "saved 0"
@@ -416,14 +427,13 @@ def test_job_checkpoint_round_trip_and_mismatches(hf_models, tmp_path):
             jobs.save(1, state, registry.info("poet"), data_position=object())
 
 
-def test_resumed_job_is_bit_identical_to_one_never_stopped(hf_models, tmp_path, subprocess_env):
+def test_resumed_job_is_bit_identical_to_one_never_stopped(hf_models, tmp_path):
     """K steps, a job checkpoint (mid-accumulation), M more: against restoring that
     checkpoint in a fresh process, into another slot, and training the same M steps.
     Every params and optimizer array of the slot must match bit for bit. The two
     processes share a compilation cache, which saves the second one the compile."""
     k, m = 3, 3
     env = {
-        **subprocess_env,
         "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "jax-cache"),
         "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
         "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",

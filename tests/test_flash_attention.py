@@ -209,6 +209,7 @@ def test_one_compile_serves_every_layout():
 
 # Segments of 5 to 9 rows: several share every kernel block.
 SHORT = layouts(lengths=(5, 6, 7, 9))
+SHORT_LIVE = SHORT.filter(lambda layout: (layout[1] >= 0).any())  # a segment row at least
 
 
 @st.composite
@@ -283,6 +284,85 @@ def test_nan_cotangent_on_dead_rows_is_dropped():
     _, nan_grads = kernel_and_grads(q, k, bad_v, *args, nan_cotangent, window=window, blocks=blocks)
     for got, want in zip(nan_grads, grads, strict=True):
         np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+@st.composite
+def live_bad_cotangents(draw, layout):
+    """1 to 3 (row, q head, dim, value): a non-finite cotangent on a segment row."""
+    live = np.flatnonzero(layout[1] >= 0)
+    entry = st.tuples(
+        st.sampled_from(live),
+        st.integers(0, NUM_HEADS - 1),
+        st.integers(0, NAN_CONFIG[3] - 1),
+        st.sampled_from([np.nan, np.inf, -np.inf]),
+    )
+    return draw(st.lists(entry, min_size=1, max_size=3))
+
+
+@settings(max_examples=8, deadline=None)
+@given(data=st.data(), layout=SHORT_LIVE, seed=st.integers(0, 2**31 - 1))
+def test_nan_cotangent_on_a_live_row_stays_in_its_segment(data, layout, seed):
+    """A non-finite cotangent on a live query row (its later layers overflowed) makes
+    exactly the gradients the reference's makes non-finite NaN: that row's dq, the dk/dv
+    rows of the keys it sees; every other gradient is bit-identical to the run with a
+    zero cotangent there, so other segments (other adapters' sequences) are untouched."""
+    entries = data.draw(live_bad_cotangents(layout))
+    dtype, num_kv_heads, window, head_dim = NAN_CONFIG
+    positions, segment_ids = layout
+    q, k, v, cotangent = make_operands(seed, NUM_ROWS, NUM_HEADS, num_kv_heads, head_dim, dtype)
+    bad, zeroed = np.array(cotangent), np.array(cotangent)
+    for row, head, dim, value in entries:
+        bad[row, head, dim] = value
+        zeroed[row, head, dim] = 0.0
+    args = (q, k, v, positions, segment_ids)
+    _, grads = kernel_and_grads(*args, jnp.asarray(bad), window=window, blocks=SMALL_BLOCKS)
+    _, clean = kernel_and_grads(*args, jnp.asarray(zeroed), window=window, blocks=SMALL_BLOCKS)
+    _, grads_ref = reference_and_grads(*args, jnp.asarray(bad), window=window)
+
+    bad_rows = np.zeros((NUM_ROWS, NUM_HEADS), bool)
+    for row, head, *_ in entries:
+        bad_rows[row, head] = True
+    group = NUM_HEADS // num_kv_heads
+    seen = visible_pairs(positions, segment_ids, window).T.astype(int) @ bad_rows.reshape(
+        NUM_ROWS, num_kv_heads, group
+    ).any(axis=-1)
+    expected = [bad_rows, seen > 0, seen > 0]  # NaN rows of dq, dk, dv
+    for name, got, zero, want, nan_rows in zip(
+        "qkv", grads, clean, grads_ref, expected, strict=True
+    ):
+        got, zero, want = (np.asarray(x, np.float32) for x in (got, zero, want))
+        np.testing.assert_array_equal(np.isnan(got), np.isnan(want), err_msg=f"d{name}")
+        np.testing.assert_array_equal(np.isnan(got).any(axis=-1), nan_rows, err_msg=f"d{name}")
+        np.testing.assert_array_equal(got[~nan_rows], zero[~nan_rows], err_msg=f"d{name}")
+        assert rel_err(got[~nan_rows], want[~nan_rows]) < TOLERANCE[dtype], f"d{name}"
+
+
+@settings(max_examples=6, deadline=None)
+@given(data=st.data(), layout=SHORT_LIVE, seed=st.integers(0, 2**31 - 1))
+def test_overflow_inside_one_segment_stays_there(data, layout, seed):
+    """Finite but huge q, k, v in one segment (an adapter diverging): its scores overflow
+    to infinity, its softmax to NaN. Every other segment's outputs and gradients are
+    bit-identical to the run without it (kernel), and the reference's are as unaffected."""
+    dtype, num_kv_heads, window, head_dim = NAN_CONFIG
+    positions, segment_ids = layout
+    bad_segment = data.draw(st.sampled_from(sorted(set(segment_ids[segment_ids >= 0]))))
+    rows = segment_ids == bad_segment
+    q, k, v, cotangent = make_operands(seed, NUM_ROWS, NUM_HEADS, num_kv_heads, head_dim, dtype)
+    huge = [
+        jnp.where(rows[:, None, None], x * scale, x)
+        for x, scale in zip((q, k, v), (1e20, 1e20, 1e37), strict=True)
+    ]
+    args = (positions, segment_ids, cotangent)
+    out, grads = kernel_and_grads(*huge, *args, window=window, blocks=SMALL_BLOCKS)
+    clean_out, clean_grads = kernel_and_grads(q, k, v, *args, window=window, blocks=SMALL_BLOCKS)
+    out_ref, grads_ref = reference_and_grads(*huge, *args, window=window)
+    clean_ref, clean_grads_ref = reference_and_grads(q, k, v, *args, window=window)
+    others = ~rows & (segment_ids >= 0)
+    assert not np.isfinite(np.asarray(out_ref)[rows]).all()  # the overflow happened
+    for got, want in [(out, clean_out), *zip(grads, clean_grads, strict=True)]:
+        np.testing.assert_array_equal(np.asarray(got)[others], np.asarray(want)[others])
+    for got, want in [(out_ref, clean_ref), *zip(grads_ref, clean_grads_ref, strict=True)]:
+        np.testing.assert_array_equal(np.asarray(got)[others], np.asarray(want)[others])
 
 
 # --- block bounds: what the kernels visit ---

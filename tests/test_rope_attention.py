@@ -124,3 +124,31 @@ def test_non_finite_values_stay_in_their_segment_backward():
     )
     for got, want in zip(bad, clean, strict=True):
         np.testing.assert_array_equal(got, want)
+
+
+def test_non_finite_cotangent_stays_in_its_segment_backward():
+    """A NaN cotangent on a live query row (a later layer overflowed there) makes NaN
+    exactly its own dq row and the dk/dv rows of the keys it sees; the other segment's
+    gradients are as with a zero cotangent there (0 * NaN through masked pairs would
+    otherwise reach every row of dv)."""
+    rng = np.random.default_rng(2)
+    q, k, v, g = (jnp.asarray(rng.normal(size=(6, 2, 8)), jnp.float32) for _ in range(4))
+    pos = jnp.array([0, 1, 2, 0, 1, 2], jnp.int32)
+    seg = jnp.array([0, 0, 0, 1, 1, 1], jnp.int32)
+
+    def grads(cotangent):
+        _, vjp = jax.vjp(lambda q, k, v: reference_attention(q, k, v, pos, pos, seg, seg), q, k, v)
+        return vjp(cotangent)
+
+    bad = grads(g.at[4, 1, 3].set(jnp.nan))
+    clean = grads(g.at[4, 1, 3].set(0.0))
+    dq, dk, dv = (np.asarray(x) for x in bad)
+    assert np.isnan(dq[4, 1]).all() and np.isnan(np.delete(dq.reshape(12, 8), 9, 0)).sum() == 0
+    for d in (dk, dv):  # query 4 sees keys 3 and 4 of its kv head 1
+        np.testing.assert_array_equal(
+            np.isnan(d).any(-1), np.isin(np.arange(6), [3, 4])[:, None] & [False, True]
+        )
+    for got, want in zip(bad, clean, strict=True):
+        got, want = np.asarray(got), np.asarray(want)
+        np.testing.assert_array_equal(got[~np.isnan(got)], want[~np.isnan(got)])
+        np.testing.assert_array_equal(got[:3], want[:3])  # segment 0

@@ -10,6 +10,7 @@ near-zero gradients, hence a looser bound there.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -23,10 +24,14 @@ MAX_REL_ERR = {"outputs": 1e-5, "cache": 1e-5, "params": 1e-4, "opt": 1e-4}
 
 
 @pytest.fixture(scope="module")
-def report(tmp_path_factory, subprocess_env) -> dict:
+def report(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("sharding") / "report.json"
     env = {
-        **subprocess_env,
+        **os.environ,
+        # This checkout's packages, whatever is installed.
+        "PYTHONPATH": os.pathsep.join(
+            filter(None, [str(TESTS.parent), os.environ.get("PYTHONPATH")])
+        ),
         "JAX_PLATFORMS": "cpu",  # the fake devices are CPU devices, even on a GPU host
         # Unoptimised machine code: the interpreted kernels' compiles are most of the run.
         "XLA_FLAGS": "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0",

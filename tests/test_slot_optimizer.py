@@ -1,6 +1,7 @@
 """SlotOptimizer on small synthetic tables: any optax transformation runs per slot with
-its own step count, non-finite micro-batches are dropped for their slot only, and
-per-slot hyperparameters and slot resets touch one slot."""
+its own step count, non-finite micro-batches are dropped and updates that would make
+weights non-finite refused, for their slot only, and per-slot hyperparameters (checked
+before anything is written) and slot resets touch one slot."""
 
 import jax
 import jax.numpy as jnp
@@ -102,6 +103,79 @@ def test_nonfinite_micro_batch_is_dropped_for_its_slot_only():
     clean, _, _ = update(params, acc, nothing, jnp.zeros(3), jnp.zeros(3, jnp.int32), apply)
     assert out.nonfinite[1] and out.updated[1]
     assert _bits(mixed, 1) == _bits(clean, 1)
+
+
+def test_update_that_would_make_weights_non_finite_is_refused():
+    """Finite gradients, but slot 1's learning rate overflows its weights at its second
+    update (Adam steps by ~lr: 2e38 twice) and slot 2's first moment holds a NaN (a
+    corrupted state): those updates are refused and reported, the slots keeping params
+    and whole state bit-identical (the micro-batch not accumulated); slot 0 updates as it
+    would alone. bf16 tables whose float32 master stays finite but rounds to inf are
+    refused the same way."""
+    opt = SlotOptimizer(adamw(1e-2, max_grad_norm=np.inf))
+    update = jax.jit(opt.update)
+    params, grads = _tables(0), _tables(1)
+    tokens, apply = jnp.array([2, 2, 2]), jnp.ones(NUM_SLOTS, bool)
+    state = opt.set_hyperparams(opt.init(params), 1, learning_rate=2e38)
+    params, state, out = update(params, state, grads, jnp.ones(3), tokens, apply)
+    assert out.updated.all() and not out.nonfinite.any()  # slot 1 at ~2e38: finite
+
+    adam = state.inner.inner_state[1][0]  # adamw's ScaleByAdamState
+    mu = {**adam.mu, "a": adam.mu["a"].at[2, 0, 0].set(jnp.nan)}
+    chain = (adam._replace(mu=mu), *state.inner.inner_state[1][1:])
+    state = state._replace(
+        inner=state.inner._replace(inner_state=(state.inner.inner_state[0], chain))
+    )
+    new, new_state, out = update(params, state, grads, jnp.ones(3), tokens, apply)
+    assert out.nonfinite.tolist() == [False, True, True]
+    assert out.updated.tolist() == [True, False, False]
+    for slot in (1, 2):
+        assert _bits(new, slot) == _bits(params, slot)
+        assert _bits(new_state, slot) == _bits(state, slot)
+    assert all(np.isfinite(np.asarray(leaf)).all() for leaf in jax.tree.leaves(new))
+    alone, _, _ = update(params, state, grads, jnp.ones(3), tokens, apply.at[1:].set(False))
+    assert _bits(new, 0) == _bits(alone, 0)
+
+    # A micro-batch accumulated (not applied) is kept; the refused update drops only its
+    # own micro-batch, so the slot's gradient sum is what it was before.
+    _, acc, _ = update(params, state, grads, jnp.ones(3), tokens, jnp.zeros(3, bool))
+    _, after, out = update(params, acc, grads, jnp.ones(3), tokens, apply)
+    assert out.nonfinite.tolist() == [False, True, True]
+    assert _bits(after, 1) == _bits(acc, 1) and _bits(after, 2) == _bits(acc, 2)
+
+    bf16 = {"w": jnp.ones((NUM_SLOTS, 4), jnp.bfloat16)}
+    opt = SlotOptimizer(adamw(1.0, max_grad_norm=np.inf))
+    state = opt.set_hyperparams(opt.init(bf16), 0, learning_rate=3.4e38)  # bf16 max 3.39e38
+    g = {"w": jnp.ones((NUM_SLOTS, 4), jnp.bfloat16)}
+    new, new_state, out = jax.jit(opt.update)(bf16, state, g, jnp.ones(3), tokens, apply)
+    assert out.nonfinite.tolist() == [True, False, False]
+    assert _bits(new, 0) == _bits(bf16, 0) and _bits(new_state, 0) == _bits(state, 0)
+
+
+def test_hyperparams_are_checked_before_anything_is_written():
+    opt = SlotOptimizer(adamw(1e-3))
+    state = opt.init(_tables(0))
+    for values, error, match in [
+        ({"momentum": 0.9}, KeyError, r"unknown hyperparameters \['momentum'\]"),
+        ({"learning_rate": float("nan")}, ValueError, "learning_rate=nan is not a number"),
+        ({"learning_rate": "1e-3"}, ValueError, "is not a number"),
+        ({"learning_rate": True}, ValueError, "is not a number"),
+        ({"learning_rate": 1e39}, ValueError, "learning_rate=1e\\+39 overflows float32"),
+    ]:
+        with pytest.raises(error, match=match):
+            opt.check_hyperparams(state, values)
+        with pytest.raises(error, match=match):
+            opt.set_hyperparams(state, 1, **values)
+    # inf is a value: adamw(max_grad_norm=inf) disables clipping.
+    state = opt.set_hyperparams(state, 1, max_grad_norm=np.inf, learning_rate=np.float32(2e-3))
+    np.testing.assert_array_equal(state.inner.hyperparams["max_grad_norm"], [1.0, np.inf, 1.0])
+    sgd = SlotOptimizer(optax.sgd(0.1))
+    sgd_state = sgd.init(_tables(0))
+    with pytest.raises(KeyError, match="optimizer has none"):
+        sgd.check_hyperparams(sgd_state, {"learning_rate": 0.1})
+    # No values: nothing to check or set, with or without inject_hyperparams.
+    sgd.check_hyperparams(sgd_state, {})
+    assert sgd.set_hyperparams(sgd_state, 1) is sgd_state
 
 
 def test_set_hyperparams_and_reset_slot():

@@ -8,25 +8,18 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from loqjax import (
-    AdapterRegistry,
     DatasetError,
     DuplicateJobError,
-    EngineConfig,
     FineTuneJob,
     InvalidPromptError,
     InvalidSamplingParamsError,
     LoraConfig,
     PromptTooLongError,
-    Runtime,
-    RuntimeConfig,
     UnknownAdapterError,
-    add_lora_tables,
-    load_model,
 )
 from loqjax.jobs import load_records
-from loqjax.tokenization import load_tokenizer
 
-from _reliability import DEFAULT_MODEL, TRIED, table_snapshot
+from _reliability import TRIED, make_runtime, table_snapshot
 
 SETTINGS = settings(
     max_examples=60,
@@ -99,14 +92,9 @@ def test_dataset_of_another_type():
 
 @pytest.fixture(scope="module")
 def runtime():
-    """A runtime training "upper" (never stepped, so the job stays running)."""
-    _, model = load_model(DEFAULT_MODEL)
-    add_lora_tables(model, num_slots=2, max_rank=4)
-    serving = EngineConfig(token_capacity=32, max_seqs=2, page_size=8, num_pages=16, max_seq_len=32)
-    config = RuntimeConfig(serving=serving, train_rows=64, max_train_seqs=4)
-    runtime = Runtime(
-        model, AdapterRegistry(model), load_tokenizer(DEFAULT_MODEL), config, progress=False
-    )
+    """A runtime training "upper" (never stepped, so the job stays running); the fault and
+    load tests' runtime (``make_runtime``), sharing its compiled steps."""
+    runtime = make_runtime()
     runtime.add_job(FineTuneJob("upper", RECORDS, LoraConfig(rank=4), steps=50))
     return runtime
 
