@@ -3,7 +3,14 @@
 # (the device tool's output folder; default ./gpu_out). Usage:
 #   benchmarks/gpu_run.sh tests lora_decode finetune     # any of the phases below, in order
 # Phases: info, tests, e2e, lora_decode, decode_step, decode_cmdbuf, flash, finetune, finetune_profile,
-# finetune4, inference, peft, unified, save_cache.
+# finetune4, inference, peft, unified, scaling, scaling_1gpu, save_cache.
+#
+# "scaling" runs bench_scaling.py on every mesh the host has devices for (1, 2, 4, 8
+# GPUs; NCCL_NVLS_ENABLE=0 below) after its check; a call has 10 minutes, so a multi-GPU
+# run takes a subset per call: SCALING_MESHES="1 1x2 2x1" SCALING_CHECK="1x2 2x1 1x8"
+# (SCALING_CHECK="" skips the check). "scaling_1gpu" is its one-GPU check (~3 min): the
+# tiny model on a 1x1 mesh (the kernels under shard_map) against one device, then the 8B
+# shape on the 1x1 mesh.
 #
 # The persistent compilation cache lives in /tmp/jax_cache; "save_cache" packs it into
 # $OUT/jax_cache.tgz (when it fits the device tool's 16 MiB a file), and a packed cache
@@ -50,6 +57,10 @@ for p in "$@"; do
     peft) phase peft 250 python3 benchmarks/bench_peft.py --out "$OUT/peft.jsonl" ;;
     unified) phase unified 380 python3 benchmarks/bench_unified.py \
       --rates 1 4 --duration 20 --drain 10 --alone 8 --out "$OUT/unified.jsonl" ;;
+    scaling) phase scaling 570 python3 benchmarks/bench_scaling.py ${SCALING_MESHES:+--meshes $SCALING_MESHES} \
+      ${SCALING_CHECK+--check-meshes $SCALING_CHECK} --out "$OUT/scaling.jsonl" ;;
+    scaling_1gpu) phase scaling_1gpu 240 python3 benchmarks/bench_scaling.py --meshes 1x1 --check-meshes 1x1 \
+      --new-tokens 32 --steps 3 --out "$OUT/scaling.jsonl" ;;
     save_cache)
       tar -czf "$OUT/jax_cache.tgz" -C /tmp/jax_cache . 2>/dev/null
       size=$(stat -c %s "$OUT/jax_cache.tgz" 2>/dev/null || echo 0)

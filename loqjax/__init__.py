@@ -43,6 +43,7 @@ from loqjax.request import (
 from loqjax.runtime import JobRun, Runtime, RuntimeConfig
 from loqjax.sampling import SamplingParams
 from loqjax.scheduler import EngineConfig
+from loqjax.sharding import make_mesh, shard_model
 from loqjax.slo_scheduler import SloTargets, StepPolicy
 from loqjax.unified import (
     ServeSequence,
@@ -115,7 +116,9 @@ __all__ = [
     "load_model",
     "load_peft_adapter",
     "lora_tables",
+    "make_mesh",
     "make_unified_step",
     "save_peft_adapter",
+    "shard_model",
     "split_model",
 ]

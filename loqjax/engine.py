@@ -32,6 +32,7 @@ import numpy as np
 from flax import nnx
 from transformers import GenerationConfig, PreTrainedTokenizerBase
 
+from loqjax import sharding
 from loqjax.adapter import UnknownAdapterError
 from loqjax.hf_checkpoint import load_model
 from loqjax.kv_cache import init_kv_cache
@@ -229,7 +230,15 @@ class Engine:
         self.clock = clock
         self._bind_model(model)
         dtype = cache_dtype or model.embed_tokens.embedding.dtype
-        self._cache = init_kv_cache(model_config, config.num_pages, config.page_size, dtype)
+        pool = (model_config, config.num_pages, config.page_size, dtype)
+        # On a device mesh (``loqjax.sharding.shard_model``): the pools split along their
+        # heads like the model's KV projections, every batch on every device.
+        self.mesh = model.mesh
+        if self.mesh is None:
+            self._cache, self._placement = init_kv_cache(*pool), None
+        else:
+            self._cache = sharding.init_cache(*pool, self.mesh)
+            self._placement = sharding.replicated(self.mesh)
         self._scheduler = Scheduler(config)
         self._requests: dict[int, _Request] = {}
         self._ids = itertools.count()
@@ -396,6 +405,7 @@ class Engine:
             self.config,
             self.model_config.vocab_size,
             num_rows=bucket or self._bucket(scheduled.num_tokens),
+            placement=self._placement,
         )
         next_tokens, self._cache = self._serve_step(self._serving_leaves(), self._cache, batch)
         return np.asarray(next_tokens)

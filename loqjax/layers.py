@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from loqjax import parallel
 from pallas_kernels import smlm_group
 
 if TYPE_CHECKING:
@@ -22,7 +23,8 @@ class Linear(nnx.Module):
 
     The single matmul site of the seven decoder projections (q/k/v/o, gate/up/down), so
     per-token adapters are added here: ``loqjax.lora.add_lora_tables`` sets ``adapters`` to
-    a ``LoraTable`` on the targeted projections.
+    a ``LoraTable`` on the targeted projections, and ``loqjax.sharding.shard_model`` sets
+    ``tensor_parallel`` (static) to how the projection is split over a device mesh.
     """
 
     def __init__(
@@ -38,6 +40,7 @@ class Linear(nnx.Module):
         self.kernel = nnx.Param(init(rngs.params(), (in_features, out_features), param_dtype))
         self.bias = nnx.Param(jnp.zeros((out_features,), param_dtype)) if use_bias else None
         self.adapters: LoraTable | None = nnx.data(None)
+        self.tensor_parallel: parallel.TensorParallel | None = None
 
     def __call__(self, x: jax.Array, lora: LoraBatch | None = None) -> jax.Array:
         """x [..., d_in] -> [..., d_out], in the parameter dtype.
@@ -64,14 +67,19 @@ def project(linears: Sequence[Linear], x: jax.Array, lora: LoraBatch | None) -> 
     v; gate and up), their adapter terms in one grouped SMLM: at decode sizes one kernel
     launch for the whole group instead of two per projection.
 
-    Like PEFT, an adapter computes in its own dtype whatever the input's.
+    Like PEFT, an adapter computes in its own dtype whatever the input's. On a mesh (the
+    linears' ``tensor_parallel``, the same for all of them), the base outputs take their
+    Megatron layout and the adapter terms run on each device's shard
+    (``loqjax.parallel.lora_projection``).
     """
-    ys = [linear.base(x, lora) for linear in linears]
+    tp = linears[0].tensor_parallel
+    ys = [parallel.constrain_projection(tp, linear.base(x, lora)) for linear in linears]
     grouped = [i for i, linear in enumerate(linears) if linear.adapters is not None]
     if lora is None or not grouped:
         return ys
     tables = [linears[i].adapters.arrays() for i in grouped]
-    outs = smlm_group(
+    group = smlm_group if tp is None else functools.partial(parallel.lora_projection, tp)
+    outs = group(
         x.astype(tables[0][0].dtype),
         tables,
         [ys[i] for i in grouped],

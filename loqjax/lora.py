@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from loqjax import sharding
 from loqjax.model import CausalLM
 
 # Projection name -> the submodule of a decoder layer that holds it (HF names).
@@ -83,6 +84,7 @@ class LoraBatch:
         num_segments: int,
         grad_rows: int | None = None,
         train_rows: int | None = None,
+        placement: jax.sharding.Sharding | None = None,
     ) -> LoraBatch:
         """Metadata for sequences of ``lengths`` packed back to back from row 0.
 
@@ -92,6 +94,8 @@ class LoraBatch:
             vouches that they are loaded (``AdapterRegistry.batch`` checks names).
           num_segments: the static S; at least ``len(lengths)``.
           grad_rows, train_rows: see the class docstring.
+          placement: where the arrays go (``jax.device_put``); default the default
+            device, uncommitted. On a device mesh, ``loqjax.sharding.replicated``.
         """
         if len(lengths) != len(slots):
             raise ValueError(f"{len(lengths)} lengths but {len(slots)} slots")
@@ -106,7 +110,10 @@ class LoraBatch:
         seg_slots[: len(slots)] = slots
         # One transfer for the whole batch: per-array transfers cost host time per step.
         return jax.device_put(
-            cls(seg_ends, seg_slots, None if grad_rows is None else np.int32(grad_rows), train_rows)
+            cls(
+                seg_ends, seg_slots, None if grad_rows is None else np.int32(grad_rows), train_rows
+            ),
+            placement,
         )
 
 
@@ -184,6 +191,8 @@ def add_lora_tables(
                 max_rank=max_rank,
                 param_dtype=param_dtype or linear.kernel.dtype,
             )
+    if model.mesh is not None:  # a model on a device mesh: place the new tables too
+        sharding.shard_model(model, model.mesh)
 
 
 def lora_tables(model: CausalLM) -> dict[ModuleKey, LoraTable]:

@@ -35,12 +35,15 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from loqjax import parallel
 from loqjax.attention import AttentionImpl, cached_attention, packed_attention
 from loqjax.config import ModelConfig
 from loqjax.layers import Embedding, Linear, RMSNorm, project
 from loqjax.rope import apply_rope, rope_cos_sin
 
 if TYPE_CHECKING:
+    from jax.sharding import Mesh
+
     from loqjax.kv_cache import KVCache, LayerKV, PageBatch
     from loqjax.lora import LoraBatch
 
@@ -67,6 +70,8 @@ class Attention(nnx.Module):
         self.head_dim = hd
         self.sliding_window = config.sliding_window
         self.attention_impl = attention_impl
+        # Static: the device mesh of a model placed by ``loqjax.sharding.shard_model``.
+        self.mesh: Mesh | None = None
 
     def __call__(
         self,
@@ -92,25 +97,25 @@ class Attention(nnx.Module):
         k = k.reshape(t, self.num_kv_heads, self.head_dim)
         v = v.reshape(t, self.num_kv_heads, self.head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        attend = functools.partial(
-            packed_attention, sliding_window=self.sliding_window, impl=self.attention_impl
-        )
+        impl = dict(sliding_window=self.sliding_window, impl=self.attention_impl)
+        if self.mesh is None:
+            attend = functools.partial(packed_attention, **impl)
+        else:  # each device with its own heads
+            attend = functools.partial(parallel.packed_attention, self.mesh, **impl)
         if kv is None:
             out = attend(q, k, v, positions, segment_ids)
         else:
             # Serving rows are never differentiated: cut them off before the cache and
             # the (forward-only) paged kernel.
             q_s, k_s, v_s = (jax.lax.stop_gradient(a[n:]) for a in (q, k, v))
-            kv = kv.write(k_s, v_s, pages.slots[n:])
-            out = cached_attention(
-                q_s,
-                kv,
-                pages.page_tables,
-                positions[n:],
-                segment_ids[n:],
-                sliding_window=self.sliding_window,
-                impl=self.attention_impl,
-            )
+            serve = (pages.page_tables, positions[n:], segment_ids[n:])
+            if self.mesh is None:
+                kv = kv.write(k_s, v_s, pages.slots[n:])
+                out = cached_attention(q_s, kv, *serve, **impl)
+            else:
+                kv, out = parallel.write_and_attend(
+                    self.mesh, q_s, k_s, v_s, kv, pages.slots[n:], *serve, **impl
+                )
             if n:
                 train = attend(q[:n], k[:n], v[:n], positions[:n], segment_ids[:n])
                 out = jnp.concatenate([train, out])
@@ -219,6 +224,8 @@ class CausalLM(nnx.Module):
             if config.tie_word_embeddings
             else Embedding(config.vocab_size, config.hidden_size, **init)
         )
+        # Static: the device mesh of a model placed by ``loqjax.sharding.shard_model``.
+        self.mesh: Mesh | None = None
 
     def __call__(
         self,
@@ -275,7 +282,7 @@ class CausalLM(nnx.Module):
         if (cache is None) != (pages is None):
             raise ValueError("a KV cache and its pages must be passed together")
         cos, sin = rope_cos_sin(positions, self.config)
-        x = self.embed_tokens(tokens)
+        x = parallel.constrain_rows(self.mesh, self.embed_tokens(tokens))
         layer_kvs = (None,) * len(self.layers) if cache is None else cache
         new_cache = []
         for layer, kv in zip(self.layers, layer_kvs, strict=True):

@@ -516,6 +516,7 @@ class Runtime(Engine):
             max_train_seqs=config.max_train_seqs,
             num_slots=self.registry.num_slots,
             accumulate=accumulate,
+            placement=self._placement,
         )
         train, self._cache, out = self._step(
             self._frozen_leaves.leaves, self._train_leaves.leaves, batch, self._cache
@@ -676,6 +677,7 @@ class Runtime(Engine):
                 num_segments=config.max_train_seqs + 1,
                 num_samples=0,
                 num_slots=self.registry.num_slots,
+                placement=self._placement,
             )
             _, (losses, counts, _, _) = self._losses(self._frozen, self._state.params, batch)
             total += float(losses[run.slot])

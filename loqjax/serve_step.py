@@ -19,6 +19,7 @@ import numpy as np
 from flax import nnx
 from jax.tree_util import PyTreeDef
 
+from loqjax import sharding
 from loqjax.kv_cache import KVCache, PageBatch, page_slots
 from loqjax.leaves import with_leaves
 from loqjax.lora import LoraBatch
@@ -138,20 +139,26 @@ class ServeBatch:
         config: EngineConfig,
         vocab_size: int,
         num_rows: int | None = None,
+        placement: jax.sharding.Sharding | None = None,
     ) -> ServeBatch:
-        """The device batch of ``ServeRows.pack`` (same arguments)."""
+        """The device batch of ``ServeRows.pack`` (same arguments), put on ``placement``
+        (default the default device; on a mesh, ``loqjax.sharding.replicated``)."""
         rows = ServeRows.pack(chunks, adapter_slots, config, vocab_size, num_rows)
+        lora = LoraBatch.pack(
+            rows.lengths, rows.adapter_slots, config.max_seqs, placement=placement
+        )
         # One transfer for the whole batch: per-array transfers cost host time per step.
         return jax.device_put(
             cls(
                 rows.tokens,
                 rows.positions,
                 rows.segment_ids,
-                LoraBatch.pack(rows.lengths, rows.adapter_slots, config.max_seqs),
+                lora,
                 PageBatch(rows.page_tables, rows.cache_slots),
                 rows.logit_rows,
                 rows.sampling,
-            )
+            ),
+            placement,
         )
 
 
@@ -195,4 +202,5 @@ def _serve_step(
         pages=batch.pages,
         logit_rows=batch.logit_rows,
     )
-    return sample(logits, batch.sampling), cache
+    # On a device mesh, the pools stay split along their heads.
+    return sample(logits, batch.sampling), sharding.constrain_cache(cache, model.mesh)

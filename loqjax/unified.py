@@ -50,6 +50,7 @@ import numpy as np
 from flax import nnx
 from jax.tree_util import PyTreeDef
 
+from loqjax import sharding
 from loqjax.kv_cache import KVCache, PageBatch
 from loqjax.leaves import with_leaves
 from loqjax.lora import LoraBatch, LoraParam
@@ -139,6 +140,7 @@ class UnifiedBatch:
         num_samples: int,
         num_slots: int,
         accumulate: Sequence[int] = (),
+        placement: jax.sharding.Sharding | None = None,
     ) -> UnifiedBatch:
         """Packs sequences back to back from row 0 and from row ``num_train_rows``; the
         serving sequences are recomputed whole, without a cache.
@@ -151,6 +153,8 @@ class UnifiedBatch:
           num_samples: static M, at least ``len(serve)``.
           num_slots: N of the adapter tables.
           accumulate: slots that only accumulate gradients at this step.
+          placement: where the batch goes (``jax.device_put``); default the default
+            device. On a device mesh, ``loqjax.sharding.replicated(mesh)``.
 
         Raises:
           ValueError: sequences that do not fit, or bad slots or lengths.
@@ -188,6 +192,7 @@ class UnifiedBatch:
             num_segments=num_segments,
             num_slots=num_slots,
             accumulate=accumulate,
+            placement=placement,
         )
 
     @classmethod
@@ -200,6 +205,7 @@ class UnifiedBatch:
         max_train_seqs: int,
         num_slots: int,
         accumulate: Sequence[int] = (),
+        placement: jax.sharding.Sharding | None = None,
     ) -> UnifiedBatch:
         """Training sequences from row 0, then the serving scheduler's chunks over the
         paged KV cache (``ServeRows.pack``, with its own static T and S).
@@ -210,7 +216,7 @@ class UnifiedBatch:
           num_train_rows: static n.
           max_train_seqs: static; with S, fixes the ``LoraBatch`` at
             ``max_train_seqs + 1 + S`` segments.
-          num_slots, accumulate: as for ``pack``.
+          num_slots, accumulate, placement: as for ``pack``.
 
         Raises:
           ValueError: sequences that do not fit, or bad slots or lengths.
@@ -233,6 +239,7 @@ class UnifiedBatch:
             accumulate=accumulate,
             pages=PageBatch(serve.page_tables, np.concatenate([dropped, serve.cache_slots])),
             sampling=serve.sampling,
+            placement=placement,
         )
 
 
@@ -285,6 +292,7 @@ class _TrainRows(NamedTuple):
         accumulate: Sequence[int],
         pages: PageBatch | None = None,
         sampling: SamplingBatch | None = None,
+        placement: jax.sharding.Sharding | None = None,
     ) -> UnifiedBatch:
         """The device batch of these training rows followed by the given serving rows."""
         num_train_rows = len(self.tokens)
@@ -301,6 +309,7 @@ class _TrainRows(NamedTuple):
             [*self.slots, -1, *serve_slots],
             num_segments,
             grad_rows=num_train,
+            placement=placement,
         )
         apply = np.ones(num_slots, bool)
         apply[list(accumulate)] = False
@@ -319,7 +328,8 @@ class _TrainRows(NamedTuple):
                 pages,
                 sampling,
                 num_train_rows,
-            )
+            ),
+            placement,
         )
 
 
@@ -347,7 +357,11 @@ class TrainState(NamedTuple):
 
     @classmethod
     def create(cls, params: nnx.State, optimizer: SlotOptimizer) -> TrainState:
-        return cls(params, optimizer.init(params))
+        """Fresh optimizer state for ``params``; placed like them when they are on a
+        device mesh (``loqjax.sharding``)."""
+        state = cls(params, optimizer.init(params))
+        mesh = sharding.mesh_of(params)
+        return state if mesh is None else sharding.shard_tree(state, mesh)
 
 
 @jax.tree_util.register_dataclass
@@ -469,7 +483,12 @@ def unified_step(
     all_serving_logits: bool = False,
 ) -> tuple[TrainState, KVCache | None, StepOutput]:
     """One step: serve ``batch``'s requests and train its slots. Pure; see
-    ``make_unified_step`` for the jitted form."""
+    ``make_unified_step`` for the jitted form.
+
+    On a device mesh (a graphdef of a model placed by ``loqjax.sharding.shard_model``),
+    the new state and cache keep the layout of the old ones.
+    """
+    mesh = nnx.merge(graphdef, state.params, frozen).mesh  # static, from the graphdef
     grad_fn = jax.grad(slot_losses, argnums=2, has_aux=True)
     grads, (losses, counts, serve_logits, cache) = grad_fn(
         graphdef,
@@ -502,7 +521,8 @@ def unified_step(
         nonfinite=update.nonfinite,
         grad_norm=update.grad_norm,
     )
-    return TrainState(params, opt), cache, out
+    new_state = sharding.constrain_tree(TrainState(params, opt), mesh)
+    return new_state, sharding.constrain_cache(cache, mesh), out
 
 
 def make_unified_step(

@@ -26,7 +26,13 @@ from pallas_kernels.segments import (
     token_slots,
 )
 from pallas_kernels.shrink import segment_shrink
-from pallas_kernels.smlm import FUSED_MAX_ROWS, smlm, smlm_group
+from pallas_kernels.smlm import (
+    FUSED_MAX_ROWS,
+    smlm,
+    smlm_group,
+    smlm_group_backward,
+    smlm_group_forward,
+)
 
 __all__ = [
     "FUSED_MAX_ROWS",
@@ -48,6 +54,8 @@ __all__ = [
     "segment_shrink",
     "smlm",
     "smlm_group",
+    "smlm_group_backward",
+    "smlm_group_forward",
     "smlm_reference",
     "token_slots",
 ]

@@ -24,12 +24,17 @@ Only rows ``[0, grad_rows)`` take part in the backward when ``grad_rows`` is
 given (training rows come first in a unified batch): serving rows then cost no
 backward work and get ``dx = 0``. ``scale`` and the metadata are constants (no
 gradient); ``base`` gets ``g`` unchanged.
+
+``smlm_group_forward`` and ``smlm_group_backward`` are the two halves of that VJP
+for callers that run them on one device's shard of a mesh (``loqjax.parallel``):
+their ``reduce_h`` / ``reduce_mid`` hooks reduce the ``[T, R]`` intermediates
+across devices (a ``psum``) where the tables are split along ``K`` or ``D``.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -121,19 +126,46 @@ def smlm_group(
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _smlm_group(interpret, x, tables, bases, seg_ends, seg_slots, grad_rows):
-    return _forward(interpret, x, tables, bases, seg_ends, seg_slots, save_h=False)[0]
+    return smlm_group_forward(x, tables, bases, seg_ends, seg_slots, interpret=interpret)[0]
 
 
-def _forward(interpret, x, tables, bases, seg_ends, seg_slots, save_h):
-    """``(ys, hs)``; ``hs`` is None unless ``save_h`` or the two-kernel path made it."""
-    if x.shape[0] <= FUSED_MAX_ROWS:
+def smlm_group_forward(
+    x: jax.Array,
+    tables: Sequence[Table],
+    bases: Sequence[jax.Array | None],
+    seg_ends: jax.Array,
+    seg_slots: jax.Array,
+    *,
+    save_h: bool = False,
+    reduce_h: Callable[[jax.Array], jax.Array] | None = None,
+    interpret: bool | None = None,
+) -> tuple[tuple[jax.Array, ...], tuple[jax.Array, ...] | None]:
+    """The forward of ``smlm_group`` without its VJP: ``(ys, hs)``, where ``hs`` are
+    the projections' ``h = x @ a[s]`` ([T, R_g], in x's dtype), None unless ``save_h``
+    or the two-kernel path made them. ``smlm_group_backward`` takes them back.
+
+    Args:
+      reduce_h: applied to every float32 ``h`` between shrink and expand, e.g. a psum
+        over a mesh axis when ``x`` and ``a`` hold one slice of ``K`` each (a
+        row-parallel projection): then ``y = base + scale * round(reduce_h(h)) @ b``.
+        Always takes the two-kernel path (the small-batch forward sums h's split-K
+        partials inside its expand kernel).
+    """
+    tables, bases = tuple(tuple(t) for t in tables), tuple(bases)
+    if reduce_h is None and x.shape[0] <= FUSED_MAX_ROWS:
         out = SMALL_FORWARD(
             x, tables, bases, seg_ends, seg_slots, return_h=save_h, interpret=interpret
         )
         return out if save_h else (out, None)
     ys, hs = [], []
     for (a, b, scale), base in zip(tables, bases, strict=True):
-        h = segment_shrink(x, a, seg_ends, seg_slots, interpret=interpret)
+        if reduce_h is None:
+            h = segment_shrink(x, a, seg_ends, seg_slots, interpret=interpret)
+        else:
+            h = segment_shrink(
+                x, a, seg_ends, seg_slots, out_dtype=jnp.float32, interpret=interpret
+            )
+            h = reduce_h(h).astype(x.dtype)
         y = segment_expand(
             h,
             b,
@@ -150,7 +182,9 @@ def _forward(interpret, x, tables, bases, seg_ends, seg_slots, save_h):
 
 
 def _smlm_group_fwd(interpret, x, tables, bases, seg_ends, seg_slots, grad_rows):
-    ys, hs = _forward(interpret, x, tables, bases, seg_ends, seg_slots, save_h=True)
+    ys, hs = smlm_group_forward(
+        x, tables, bases, seg_ends, seg_slots, save_h=True, interpret=interpret
+    )
     # Zero-size arrays remember the bases' dtypes (or their absence) for the backward.
     base_likes = tuple(None if base is None else jnp.zeros((0,), base.dtype) for base in bases)
     return ys, (x, tables, seg_ends, seg_slots, hs, grad_rows, base_likes)
@@ -158,6 +192,37 @@ def _smlm_group_fwd(interpret, x, tables, bases, seg_ends, seg_slots, grad_rows)
 
 def _smlm_group_bwd(interpret, residuals, gs):
     x, tables, seg_ends, seg_slots, hs, grad_rows, base_likes = residuals
+    dx, table_grads = smlm_group_backward(
+        x, tables, hs, gs, seg_ends, seg_slots, grad_rows, interpret=interpret
+    )
+    dbases = tuple(
+        None if like is None else g.astype(like.dtype)
+        for g, like in zip(gs, base_likes, strict=True)
+    )
+    return dx, tuple((da, db, None) for da, db in table_grads), dbases, None, None, None
+
+
+def smlm_group_backward(
+    x: jax.Array,
+    tables: Sequence[Table],
+    hs: Sequence[jax.Array],
+    gs: Sequence[jax.Array],
+    seg_ends: jax.Array,
+    seg_slots: jax.Array,
+    grad_rows: jax.Array | None = None,
+    *,
+    reduce_mid: Callable[[jax.Array], jax.Array] | None = None,
+    interpret: bool | None = None,
+) -> tuple[jax.Array, tuple[tuple[jax.Array, jax.Array], ...]]:
+    """The backward of ``smlm_group`` given the forward's ``hs`` and the outputs'
+    cotangents ``gs``: ``(dx, ((da, db), ...))``, dx in x's dtype; rows at or past
+    ``grad_rows`` get none.
+
+    Args:
+      reduce_mid: applied to every float32 ``mid = scale * g @ b^T`` ([T, R_g]) before
+        its uses, e.g. a psum over a mesh axis when ``b`` and ``g`` hold one slice of
+        ``D`` each (a column-parallel projection): dx and da are then the full ones.
+    """
     dx, table_grads = None, []
     for i, ((a, b, scale), h, g) in enumerate(zip(tables, hs, gs, strict=True)):
         num_slots = a.shape[0]
@@ -169,9 +234,11 @@ def _smlm_group_bwd(interpret, residuals, gs):
             scale,
             grad_rows,
             w_transposed=True,
-            out_dtype=x.dtype,
+            out_dtype=x.dtype if reduce_mid is None else jnp.float32,
             interpret=interpret,
         )
+        if reduce_mid is not None:
+            mid = reduce_mid(mid).astype(x.dtype)
         last = i == len(tables) - 1
         dx = segment_expand(  # adds this projection's dx to the earlier ones'
             mid,
@@ -207,12 +274,8 @@ def _smlm_group_bwd(interpret, residuals, gs):
             out_dtype=b.dtype,
             interpret=interpret,
         )
-        table_grads.append((da, db, None))
-    dbases = tuple(
-        None if like is None else g.astype(like.dtype)
-        for g, like in zip(gs, base_likes, strict=True)
-    )
-    return dx, tuple(table_grads), dbases, None, None, None
+        table_grads.append((da, db))
+    return dx, tuple(table_grads)
 
 
 _smlm_group.defvjp(_smlm_group_fwd, _smlm_group_bwd)
