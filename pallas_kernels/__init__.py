@@ -8,6 +8,7 @@ how the CPU test suite exercises them.
 from pallas_kernels.expand import segment_expand
 from pallas_kernels.flash_attention import packed_attention, packed_layout_ok
 from pallas_kernels.lora_group import lora_group_forward
+from pallas_kernels.lora_split import lora_split_forward
 from pallas_kernels.outer import segment_outer
 from pallas_kernels.paged_attention import (
     AttentionBlocks,
@@ -42,6 +43,7 @@ __all__ = [
     "SlotChunks",
     "TilePlan",
     "lora_group_forward",
+    "lora_split_forward",
     "normalize_segments",
     "packed_attention",
     "packed_layout_ok",

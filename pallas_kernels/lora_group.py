@@ -40,7 +40,10 @@ so the grid has at most ``T`` rows of programs whatever the segment capacity.
 Tiles without rows exit at once; tiles without an adapter write ``base`` (or
 zeros) and ``h = 0``, so every output element is written.
 
-The defaults are not tuned on a GPU yet (``benchmarks/bench_lora_decode.py``).
+Not the small-batch forward of ``smlm`` any more: on an H200 each program's
+serial walk over ``K`` made these launches 30-90 µs, and ``lora_split``'s two
+short launches per group ran 2-2.5x faster per layer (RESULTS.md, runs 5-6).
+Kept as the measured alternative (``bench_decode_step.py --paths fused``).
 """
 
 from __future__ import annotations
