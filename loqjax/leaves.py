@@ -6,7 +6,8 @@ Llama-3-8B shape with 64-slot adapter tables on all seven projections that is, o
 CPU core, ~2.4 ms to flatten the frozen base (515 leaves) and ~13 ms to flatten plus
 ~45 ms to rebuild a ``TrainState`` (2249 leaves), every step, the device idle meanwhile.
 So the hot steps take and return leaves, their structure fixed when they are made
-(``with_leaves``), and the engine and runtime hold their states as leaves (``Leaves``).
+(``with_leaves``): the engine reads its variables' values as a list, the runtime holds
+its states as ``Leaves``.
 """
 
 from __future__ import annotations
