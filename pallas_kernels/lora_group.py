@@ -58,11 +58,18 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.platform import axis_mask, block_mask, default_interpret, load, rank_block
+from pallas_kernels.platform import (
+    DOT_ROWS,
+    axis_mask,
+    block_mask,
+    default_interpret,
+    load,
+    rank_block,
+    rows_dot,
+)
 from pallas_kernels.segments import RowTiles, plan_row_tiles
 
 MAX_A_REREAD = 2  # default column blocks keep A's L2 reads <= this x the weights' bytes
-DOT_ROWS = 16  # rows of every dot: Triton's smallest side
 
 
 class _Projection(NamedTuple):
@@ -74,16 +81,6 @@ class _Projection(NamedTuple):
     block_n: int
     block_r: int
     has_base: bool
-
-
-def _dot(lhs, rhs):
-    return lax.dot_general(
-        lhs.astype(rhs.dtype),
-        rhs,
-        (((1,), (0,)), ((), ())),
-        precision=lax.Precision.HIGHEST,
-        preferred_element_type=jnp.float32,
-    )
 
 
 def _group_kernel(
@@ -180,7 +177,7 @@ def _project(
         k_mask = axis_mask(i, block_k, num_k)
         x = load(x_ref.at[rows, cols], block_mask(row_mask, k_mask))
         a = load(a_ref.at[slot, cols, r_cols], block_mask(k_mask, r_mask))
-        return acc + _dot(x, a)
+        return acc + rows_dot(x, a)
 
     @pl.when(slot >= 0)
     def _():
@@ -193,7 +190,7 @@ def _project(
         def _(j):
             cols, d_mask, mask = out_block(j)
             b = load(b_ref.at[slot, r_cols, cols], block_mask(r_mask, d_mask))
-            y = base(cols, mask) + _dot(h, b) * scale
+            y = base(cols, mask) + rows_dot(h, b) * scale
             plgpu.store(y_ref.at[rows, cols], y.astype(y_ref.dtype), mask=mask)
 
     @pl.when(slot < 0)

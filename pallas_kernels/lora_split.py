@@ -35,14 +35,19 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.platform import axis_mask, block_mask, default_interpret, load, rank_block
+from pallas_kernels.platform import (
+    DOT_ROWS,
+    axis_mask,
+    block_mask,
+    default_interpret,
+    load,
+    rank_block,
+    rows_dot,
+)
 from pallas_kernels.segments import RowTiles, plan_row_tiles
-
-DOT_ROWS = 16  # rows of every dot: Triton's smallest side
 
 
 class _Projection(NamedTuple):
@@ -53,16 +58,6 @@ class _Projection(NamedTuple):
     block_n: int
     block_r: int
     has_base: bool
-
-
-def _dot(lhs, rhs):
-    return lax.dot_general(
-        lhs.astype(rhs.dtype),
-        rhs,
-        (((1,), (0,)), ((), ())),
-        precision=lax.Precision.HIGHEST,
-        preferred_element_type=jnp.float32,
-    )
 
 
 def _tile(slot_ref, start_ref, length_ref, tile):
@@ -100,7 +95,7 @@ def _shrink_kernel(
                 r_mask = axis_mask(0, accs[g].shape[1], rank)
                 a_block = a_ref.at[slot, cols, pl.ds(0, accs[g].shape[1])]
                 a = load(a_block, block_mask(k_mask, r_mask))
-                accs[g] = accs[g] + _dot(x, a)
+                accs[g] = accs[g] + rows_dot(x, a)
         for acc, part_ref, a_ref in zip(accs, part_refs, a_refs, strict=True):
             r_mask = axis_mask(0, acc.shape[1], a_ref.shape[2])
             plgpu.store(
@@ -206,7 +201,7 @@ def _expand_projection(
         def _(j):
             cols, d_mask, mask = out_block(j)
             b = load(b_ref.at[slot, r_cols, cols], block_mask(r_mask, d_mask))
-            y = base(cols, mask) + _dot(h, b) * scale
+            y = base(cols, mask) + rows_dot(h, b) * scale
             plgpu.store(y_ref.at[rows, cols], y.astype(y_ref.dtype), mask=mask)
 
     @pl.when(slot < 0)

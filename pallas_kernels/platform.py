@@ -2,6 +2,7 @@
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
@@ -43,3 +44,18 @@ def load(ref, mask):
     """``plgpu.load`` that zero-fills masked-out elements (Triton rejects a fill
     value without a mask)."""
     return plgpu.load(ref, mask=mask, other=None if mask is None else 0)
+
+
+DOT_ROWS = 16  # rows of the small-batch kernels' dots: Triton's smallest side
+
+
+def rows_dot(lhs, rhs):
+    """``lhs @ rhs`` in ``rhs``'s dtype, float32 accumulation, full precision: the
+    small-batch kernels' dots."""
+    return lax.dot_general(
+        lhs.astype(rhs.dtype),
+        rhs,
+        (((1,), (0,)), ((), ())),
+        precision=lax.Precision.HIGHEST,
+        preferred_element_type=jnp.float32,
+    )
