@@ -14,19 +14,22 @@ decode; per variant it reports, per decode step of ``B`` rows:
   between steps);
 * ``kernels``: the GPU kernels' summed time per step from a profiler trace of those calls
   (a traced run launches kernel by kernel, without command buffers), their number, and
-  the top kernels (calls per step, ms per step).
+  the top kernels (calls per step, ms per step; ``--top`` of them in the JSON row, 12
+  printed). ``--hlo-dir`` also writes each variant's compiled step (HLO text, gzipped), to
+  read what a kernel of the trace computes.
 
 Variants: ``base`` (no adapter tables), then the model with 64-slot rank-8 tables (all seven
 projections) and 64 adapters loaded, serving ``n`` of them (request i gets adapter
 ``i % n``), once per LoRA decode path of ``--paths`` (``pallas_kernels.smlm``'s
-``FUSED_MAX_ROWS`` and ``SMALL_FORWARD`` pick it at trace time, so every path compiles
-afresh).
+``SMALL_BATCH_ROWS`` picks it at trace time, so every path compiles afresh).
 """
 
 from __future__ import annotations
 
 import argparse
+import gzip
 import importlib
+import pathlib
 import statistics
 import time
 
@@ -35,8 +38,6 @@ import numpy as np
 
 from loqjax import AdapterRegistry, Engine, EngineConfig, SamplingParams, add_lora_tables
 from loqjax.serve_step import ServeBatch, serve_step
-from pallas_kernels import lora_group_forward
-from pallas_kernels.lora_split import lora_split_forward
 
 from bench_common import (
     Rows,
@@ -50,14 +51,9 @@ from bench_common import (
 
 MAX_SLOTS = 64
 PROMPT_LEN = 16
-# (FUSED_MAX_ROWS, SMALL_FORWARD) per decode path: "split" is a split-K shrink and an
-# expand per projection group, "fused" one lora_group launch per group, "two-kernel" a
-# shrink and an expand per projection.
-PATHS = {
-    "split": (256, lora_split_forward),
-    "fused": (256, lora_group_forward),
-    "two-kernel": (0, lora_split_forward),
-}
+# SMALL_BATCH_ROWS per decode path: "split" is a split-K shrink and an expand per
+# projection group (lora_split), "two-kernel" a shrink and an expand per projection.
+PATHS = {"split": 256, "two-kernel": 0}
 # The module itself: the package's ``smlm`` attribute is the function of that name.
 SMLM = importlib.import_module("pallas_kernels.smlm")
 
@@ -89,18 +85,23 @@ def engine_steps(engine: Engine, steps: int) -> float:
     return statistics.median(times)
 
 
-def device_steps(engine: Engine, iters: int, repeats: int):
-    """(median seconds per step of ``iters`` back-to-back serving steps on one decode batch,
-    a function running ``iters`` of them): the next decode step's batch, re-run; each call
-    rewrites the same cache rows. The engine is not stepped afterwards."""
+def next_batch(engine: Engine) -> ServeBatch:
+    """The engine's next step's batch, packed as ``Engine.step`` packs it (not stepped)."""
     scheduled = engine._schedule()
-    batch = ServeBatch.pack(
+    return ServeBatch.pack(
         scheduled.chunks,
         scheduled.adapter_slots,
         engine.config,
         engine.model_config.vocab_size,
         num_rows=engine._bucket(scheduled.num_tokens),
     )
+
+
+def device_steps(engine: Engine, iters: int, repeats: int):
+    """(median seconds per step of ``iters`` back-to-back serving steps on one decode batch,
+    a function running ``iters`` of them): the next decode step's batch, re-run; each call
+    rewrites the same cache rows. The engine is not stepped afterwards."""
+    batch = next_batch(engine)
 
     def run():
         tokens = None
@@ -119,6 +120,15 @@ def device_steps(engine: Engine, iters: int, repeats: int):
     return statistics.median(times), run
 
 
+def write_hlo(engine: Engine, path: pathlib.Path) -> None:
+    """The compiled serving step of the engine's next batch, as optimized HLO text."""
+    batch = next_batch(engine)
+    lowered = engine._serve_step.lower(engine._serving_leaves(), engine._cache, batch)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with gzip.open(path, "wt") as f:
+        f.write(lowered.compile().as_text())
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="tiny model, CPU-sized run")
@@ -128,6 +138,8 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=20, help="timed engine steps")
     parser.add_argument("--iters", type=int, default=10, help="device steps per timing")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--top", type=int, default=12, help="kernels kept in the JSON row")
+    parser.add_argument("--hlo-dir", default=None, help="write each compiled step here")
     parser.add_argument("--out", default=None, help="append JSON rows to this file")
     args = parser.parse_args(argv)
     config = model_config(args.tiny)
@@ -153,7 +165,7 @@ def main(argv=None):
             registry = AdapterRegistry(model)
             names = load_adapters(registry, model, MAX_SLOTS)
         if path is not None:
-            SMLM.FUSED_MAX_ROWS, SMLM.SMALL_FORWARD = PATHS[path]
+            SMLM.SMALL_BATCH_ROWS = PATHS[path]
         jax.clear_caches()  # the nested layer jits too: the path is read at trace time
         serve_step.cache_clear()
         engine = Engine(model, registry if n else None, config=engine_config)
@@ -163,7 +175,9 @@ def main(argv=None):
         warm_s = time.perf_counter() - start
         engine_s = engine_steps(engine, args.steps)
         device_s, run = device_steps(engine, args.iters, args.repeats)
-        kernels = kernel_profile(run, top=12)
+        kernels = kernel_profile(run, top=args.top)
+        if args.hlo_dir:
+            write_hlo(engine, pathlib.Path(args.hlo_dir) / f"{variant}_{path or 'base'}.hlo.gz")
         total_ms = kernels[-1]["total_ms"] / args.iters
         row = rows.add(
             variant=variant,
@@ -182,7 +196,7 @@ def main(argv=None):
             ],
         )
         print(f"--- {variant} {path or ''}: top kernels per step", flush=True)
-        for k in row["top_kernels"]:
+        for k in row["top_kernels"][:12]:
             print(f"    {k['kernel'][:70]:70s} x{k['calls']:6.1f} {k['total_ms']:8.3f} ms")
     rows.table(
         [

@@ -1,4 +1,4 @@
-"""Multi-LoRA decode: one Llama-3-8B layer's LoRA forward, three ways, on a GPU.
+"""Multi-LoRA decode: one Llama-3-8B layer's LoRA forward, two ways, on a GPU.
 
   PYTHONPATH=. python benchmarks/bench_lora_decode.py            # the table
   PYTHONPATH=. python benchmarks/bench_lora_decode.py --sweep --tokens 64 --adapters 64  # tunables
@@ -10,12 +10,13 @@ table of 64 slots of rank ``--rank`` (8), 64 segments, bf16; ``T`` rows are
 split evenly into one segment per active adapter (slots ``0..n-1``). Methods:
 
 * ``two-kernel``: shrink then expand per projection (``smlm`` above
-  ``FUSED_MAX_ROWS``): 14 launches, plus the shrink's split-K sums.
-* ``fused``: ``lora_group_forward`` per projection: 7 launches.
-* ``grouped``: ``lora_group_forward`` per group {q, k, v}, {o}, {gate, up},
-  {down}: 4 launches.
-* ``split``: ``lora_split_forward`` per group: a split-K shrink and an expand, 8
-  launches.
+  ``SMALL_BATCH_ROWS``): 14 launches, plus the shrink's split-K sums.
+* ``split``: ``lora_split_forward`` per group {q, k, v}, {o}, {gate, up}, {down}:
+  a split-K shrink and an expand, 8 launches, on row tiles planned once (as a
+  model plans them once per step).
+
+(``lora_group``, one launch per group with each program streaming all of ``K``,
+was measured here at 30-90 µs a launch and deleted; RESULTS.md, runs 5-6.)
 
 Reported per layer: the kernels' device time from a profiler trace (like
 ``bench_smlm.py --profile``; kernels that run once per chain, i.e. the segment
@@ -43,8 +44,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels import lora_group_forward, segment_expand, segment_shrink, smlm_reference
-from pallas_kernels.lora_split import lora_split_forward
+from pallas_kernels import lora_split_forward, segment_expand, segment_shrink, smlm_reference
+from pallas_kernels.lora_split import plan_split_tiles
 
 from bench_smlm import chained, time_run, trace_kernel_times
 
@@ -67,7 +68,7 @@ def projections(hidden: int, kv: int, ffn: int) -> dict[str, tuple[str, int, int
 
 
 GROUPS = (("q", "k", "v"), ("o",), ("gate", "up"), ("down",))
-METHODS = ["two-kernel", "fused", "grouped", "split"]
+METHODS = ["two-kernel", "split"]
 
 
 def layout(num_rows: int, active: int, num_segments: int):
@@ -114,15 +115,18 @@ def two_kernel(shapes, xs, tables, bases, seg_ends, seg_slots):
     return ys
 
 
-def grouped(groups, shapes, xs, tables, bases, seg_ends, seg_slots, forward, **tunables):
+def split(shapes, xs, tables, bases, seg_ends, seg_slots, **tunables):
+    num_rows, num_slots = xs["attn"].shape[0], tables["q"][0].shape[0]
+    tiles = plan_split_tiles(seg_ends, seg_slots, num_rows, num_slots)
     ys = {}
-    for group in groups:
-        outs = forward(
+    for group in GROUPS:
+        outs = lora_split_forward(
             xs[shapes[group[0]][0]],
             [tables[name] for name in group],
             [bases[name] for name in group],
             seg_ends,
             seg_slots,
+            tiles,
             **tunables,
         )
         ys.update(zip(group, outs, strict=True))
@@ -130,21 +134,9 @@ def grouped(groups, shapes, xs, tables, bases, seg_ends, seg_slots, forward, **t
 
 
 def methods(shapes, tunables):
-    fused = lora_group_forward
     return {
         "two-kernel": (14, functools.partial(two_kernel, shapes)),
-        "fused": (
-            7,
-            functools.partial(grouped, [(n,) for n in shapes], shapes, forward=fused, **tunables),
-        ),
-        "grouped": (
-            len(GROUPS),
-            functools.partial(grouped, GROUPS, shapes, forward=fused, **tunables),
-        ),
-        "split": (
-            2 * len(GROUPS),
-            functools.partial(grouped, GROUPS, shapes, forward=lora_split_forward),
-        ),
+        "split": (2 * len(GROUPS), functools.partial(split, shapes, **tunables)),
     }
 
 
@@ -242,12 +234,17 @@ def print_table(rows, config, rank):
 
 
 def sweep(args, config):
-    """Kernel time of ``grouped`` over its tunables, at each (T, adapters)."""
-    grid = list(itertools.product((4, 8, 16), (None, 1024, 2048, 4096), (4, 8)))
-    for block_rows, block_cols, num_warps in grid[:2] if args.smoke else grid:
-        tunables = dict(block_rows=block_rows, block_cols=block_cols, num_warps=num_warps)
+    """Kernel time of ``split`` over its tunables, at each (T, adapters)."""
+    grid = list(itertools.product((256, 512, 1024), (1, 2), (128, 256), (1, 2, 4)))
+    for block_k, blocks_per_split, block_n, sub_blocks in grid[:2] if args.smoke else grid:
+        tunables = dict(
+            block_k=block_k,
+            blocks_per_split=blocks_per_split,
+            block_n=block_n,
+            sub_blocks=sub_blocks,
+        )
         try:
-            rows = table(args, config, tunables, ["grouped"])
+            rows = table(args, config, tunables, ["split"])
         except Exception as e:  # a configuration Triton cannot compile
             print(f"{tunables}: failed {type(e).__name__}: {str(e)[:200]}", flush=True)
             continue
@@ -263,7 +260,7 @@ def sweep(args, config):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, interpreted")
-    parser.add_argument("--sweep", action="store_true", help="the fused kernel's tunables")
+    parser.add_argument("--sweep", action="store_true", help="lora_split's tunables")
     parser.add_argument("--tokens", type=int, nargs="+", default=[16, 64])
     parser.add_argument("--adapters", type=int, nargs="+", default=[1, 16, 64])
     parser.add_argument(

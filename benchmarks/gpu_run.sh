@@ -2,7 +2,7 @@
 # One GPU session's phases, each under its own time limit, logs and JSON rows under $OUT
 # (the device tool's output folder; default ./gpu_out). Usage:
 #   benchmarks/gpu_run.sh tests lora_decode finetune     # any of the phases below, in order
-# Phases: info, tests, e2e, lora_decode, decode_step, decode_cmdbuf, flash, finetune, finetune_profile,
+# Phases: info, tests, e2e, lora_decode, decode_step, decode_hlo, decode_nocmdbuf, flash, finetune, finetune_profile,
 # finetune4, inference, peft, unified, scaling, scaling_1gpu, save_cache.
 #
 # "scaling" runs bench_scaling.py on every mesh the host has devices for (1, 2, 4, 8
@@ -42,13 +42,15 @@ for p in "$@"; do
   case $p in
     info) phase info 60 bash -c "nvidia-smi; python3 -c 'import jax, flax, optax; print(jax.__version__, jax.devices(), flax.__version__, optax.__version__)'" ;;
     tests) phase tests 180 env JAX_DEFAULT_MATMUL_PRECISION=highest python3 -m pytest -x -q -p no:cacheprovider \
-      -m gpu tests/test_smlm.py tests/test_lora_group.py tests/test_flash_attention.py tests/test_paged_attention_kernel.py ;;
+      -m gpu tests/test_smlm.py tests/test_lora_split.py tests/test_flash_attention.py tests/test_paged_attention_kernel.py ;;
     e2e) phase e2e 240 env JAX_DEFAULT_MATMUL_PRECISION=highest python3 -m pytest -x -q -p no:cacheprovider \
       tests/test_model_kernels.py "tests/test_engine.py::test_greedy_matches_transformers_and_peft" ;;
-    lora_decode) phase lora_decode 100 python3 benchmarks/bench_lora_decode.py --tokens 64 --adapters 1 64 --methods grouped split --json "$OUT/lora_decode.json" ;;
-    decode_step) phase decode_step 230 python3 benchmarks/bench_decode_step.py --paths split fused --out "$OUT/decode_step.jsonl" ;;
-    decode_cmdbuf) phase decode_cmdbuf 120 env XLA_FLAGS="--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,CONDITIONAL,WHILE --xla_gpu_graph_min_graph_size=1" \
-      python3 benchmarks/bench_decode_step.py --paths split --adapters 64 --out "$OUT/decode_cmdbuf.jsonl" ;;
+    lora_decode) phase lora_decode 100 python3 benchmarks/bench_lora_decode.py --tokens 64 --adapters 1 64 --methods two-kernel split --json "$OUT/lora_decode.json" ;;
+    decode_step) phase decode_step 230 python3 benchmarks/bench_decode_step.py --paths split --out "$OUT/decode_step.jsonl" ;;
+    decode_hlo) phase decode_hlo 150 python3 benchmarks/bench_decode_step.py --paths split --adapters 1 \
+      --top 150 --hlo-dir "$OUT/hlo" --out "$OUT/decode_step.jsonl" ;;
+    decode_nocmdbuf) phase decode_nocmdbuf 150 env XLA_FLAGS="--xla_gpu_enable_command_buffer=" \
+      python3 benchmarks/bench_decode_step.py --paths split --adapters 1 --out "$OUT/decode_nocmdbuf.jsonl" ;;
     flash) phase flash 120 python3 benchmarks/bench_flash_attention.py --table ;;
     finetune) phase finetune 290 python3 benchmarks/bench_finetune.py --out "$OUT/finetune.jsonl" ;;
     finetune_profile) phase finetune_profile 200 python3 benchmarks/bench_finetune.py --adapters 1 --profile --out "$OUT/finetune.jsonl" ;;

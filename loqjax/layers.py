@@ -78,15 +78,12 @@ def project(linears: Sequence[Linear], x: jax.Array, lora: LoraBatch | None) -> 
     if lora is None or not grouped:
         return ys
     tables = [linears[i].adapters.arrays() for i in grouped]
-    group = smlm_group if tp is None else functools.partial(parallel.lora_projection, tp)
-    outs = group(
-        x.astype(tables[0][0].dtype),
-        tables,
-        [ys[i] for i in grouped],
-        lora.seg_ends,
-        lora.seg_slots,
-        lora.grad_rows,
-    )
+    args = (x.astype(tables[0][0].dtype), tables, [ys[i] for i in grouped])
+    args += (lora.seg_ends, lora.seg_slots, lora.grad_rows)
+    if tp is None:
+        outs = smlm_group(*args, lora.tiles)
+    else:  # each device plans its own shard's rows
+        outs = parallel.lora_projection(tp, *args)
     for i, y in zip(grouped, outs, strict=True):
         ys[i] = y
     return ys

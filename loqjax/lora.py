@@ -22,18 +22,11 @@ import numpy as np
 from flax import nnx
 
 from loqjax import sharding
-from loqjax.model import CausalLM
+from loqjax.model import PROJECTIONS, CausalLM
+from pallas_kernels import RowTiles, plan_forward
 
 # Projection name -> the submodule of a decoder layer that holds it (HF names).
-TARGET_MODULES = {
-    "q_proj": "self_attn",
-    "k_proj": "self_attn",
-    "v_proj": "self_attn",
-    "o_proj": "self_attn",
-    "gate_proj": "mlp",
-    "up_proj": "mlp",
-    "down_proj": "mlp",
-}
+TARGET_MODULES = {name: parent for parent, names in PROJECTIONS.items() for name in names}
 
 # (layer index, projection name), e.g. (0, "q_proj"): one table of a model.
 ModuleKey = tuple[int, str]
@@ -69,12 +62,16 @@ class LoraBatch:
       train_rows: static int or None: rows ``[train_rows, T)`` are never differentiated,
         so the base projections' input gradient is computed for the leading rows only
         (and is zero past them); None differentiates every row.
+      tiles: the small-batch SMLM forward's row tiles of this metadata
+        (``pallas_kernels.plan_forward``), which ``CausalLM`` plans once per step for all
+        its projections (``with_plan``); None: every kernel call plans its own.
     """
 
     seg_ends: jax.Array
     seg_slots: jax.Array
     grad_rows: jax.Array | None = None
     train_rows: int | None = dataclasses.field(default=None, metadata=dict(static=True))
+    tiles: RowTiles | None = None
 
     @classmethod
     def pack(
@@ -115,6 +112,12 @@ class LoraBatch:
             ),
             placement,
         )
+
+    def with_plan(self, num_rows: int, num_slots: int) -> LoraBatch:
+        """This batch with ``tiles`` planned for ``num_rows`` rows over tables of
+        ``num_slots`` slots (traced, inside the step)."""
+        tiles = plan_forward(self.seg_ends, self.seg_slots, num_rows, num_slots)
+        return dataclasses.replace(self, tiles=tiles)
 
 
 class LoraTable(nnx.Module):

@@ -48,6 +48,13 @@ if TYPE_CHECKING:
     from loqjax.lora import LoraBatch
 
 
+# A decoder layer's submodules and their projections (``Linear``), by HF name.
+PROJECTIONS = {
+    "self_attn": ("q_proj", "k_proj", "v_proj", "o_proj"),
+    "mlp": ("gate_proj", "up_proj", "down_proj"),
+}
+
+
 class Attention(nnx.Module):
     """Grouped-query self-attention with RoPE."""
 
@@ -281,6 +288,9 @@ class CausalLM(nnx.Module):
         """
         if (cache is None) != (pages is None):
             raise ValueError("a KV cache and its pages must be passed together")
+        num_slots = self.lora_slots()
+        if lora is not None and lora.tiles is None and num_slots and self.mesh is None:
+            lora = lora.with_plan(tokens.shape[0], num_slots)  # once for every layer
         cos, sin = rope_cos_sin(positions, self.config)
         x = parallel.constrain_rows(self.mesh, self.embed_tokens(tokens))
         layer_kvs = (None,) * len(self.layers) if cache is None else cache
@@ -300,6 +310,17 @@ class CausalLM(nnx.Module):
             )
             new_cache.append(kv)
         return x if cache is None else (x, tuple(new_cache))
+
+    def lora_slots(self) -> int | None:
+        """N, the slots of the model's adapter tables (they all have the same), or None
+        without tables."""
+        layer = self.layers[0]
+        for parent, names in PROJECTIONS.items():
+            for name in names:
+                table = getattr(getattr(layer, parent), name).adapters
+                if table is not None:
+                    return table.a.shape[0]
+        return None
 
     def logits(self, x: jax.Array) -> jax.Array:
         """Final norm and output head: hidden [R, d] -> float32 logits [R, vocab]."""

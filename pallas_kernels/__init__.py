@@ -7,7 +7,6 @@ how the CPU test suite exercises them.
 
 from pallas_kernels.expand import segment_expand
 from pallas_kernels.flash_attention import packed_attention, packed_layout_ok
-from pallas_kernels.lora_group import lora_group_forward
 from pallas_kernels.lora_split import lora_split_forward
 from pallas_kernels.outer import segment_outer
 from pallas_kernels.paged_attention import (
@@ -28,7 +27,8 @@ from pallas_kernels.segments import (
 )
 from pallas_kernels.shrink import segment_shrink
 from pallas_kernels.smlm import (
-    FUSED_MAX_ROWS,
+    SMALL_BATCH_ROWS,
+    plan_forward,
     smlm,
     smlm_group,
     smlm_group_backward,
@@ -36,18 +36,18 @@ from pallas_kernels.smlm import (
 )
 
 __all__ = [
-    "FUSED_MAX_ROWS",
+    "SMALL_BATCH_ROWS",
     "AttentionBlocks",
     "QueryTiles",
     "RowTiles",
     "SlotChunks",
     "TilePlan",
-    "lora_group_forward",
     "lora_split_forward",
     "normalize_segments",
     "packed_attention",
     "packed_layout_ok",
     "paged_attention",
+    "plan_forward",
     "plan_query_tiles",
     "plan_row_tiles",
     "plan_slot_chunks",

@@ -3,13 +3,13 @@ the expand that adds the splits' partial sums.
 
 ``y_g[t] = base_g[t] + scale_g[s] * (x[t] @ a_g[s]) @ b_g[s]`` for ``G`` projections
 that read the same input ``x`` (q, k and v; gate and up; or one projection alone), with
-``s`` the slot of row ``t``, like ``lora_group_forward``.
+``s`` the slot of row ``t``.
 
 At decode sizes (``T`` of 16..256 rows) the work is tiny (an adapter's A and B, a few
 rows) and the cost is the critical path of the longest program. A program that streams
-all of ``K`` alone (``lora_group``'s fused shrink: 56 dependent 256-wide steps for
-down_proj) takes 30-90 µs on an H200 (``bench_lora_decode.py``); so here no program
-does more than ``blocks_per_split`` steps of anything:
+all of ``K`` alone (a fused shrink-expand kernel, measured and deleted: 56 dependent
+256-wide steps for down_proj) took 30-90 µs on an H200 (RESULTS.md, runs 5-6); so here
+no program does more than ``blocks_per_split`` steps of anything:
 
 1. ``shrink``: grid (row tile, K split). Program ``(w, j)`` reads its tile's rows of
    ``x`` in the ``block_k``-wide blocks of split ``j`` once, multiplies them by every
@@ -21,7 +21,8 @@ does more than ``blocks_per_split`` steps of anything:
    path and PEFT), then writes ``base + scale * h @ b_g[s]`` over its ``sub_blocks``
    ``block_n``-wide column blocks; column block 0 of a tile also writes ``h`` for the backward.
 
-Row tiles never straddle a segment (``plan_row_tiles``) and only the first ``T`` of the
+Row tiles never straddle a segment (``plan_split_tiles``; a model plans them once per
+step for all its layers and passes them in as ``tiles``) and only the first ``T`` of a
 plan can hold rows, so both grids have at most ``T`` rows of programs. Tiles without
 rows exit at once; tiles without an adapter skip the shrink and write ``base`` (or
 zeros) and ``h = 0``, so every output element is written.
@@ -48,6 +49,19 @@ from pallas_kernels.platform import (
     rows_dot,
 )
 from pallas_kernels.segments import RowTiles, plan_row_tiles
+
+BLOCK_ROWS = 16
+"""Rows per row tile (at most ``DOT_ROWS``, the dots' rows)."""
+
+
+def plan_split_tiles(
+    seg_ends: jax.Array, seg_slots: jax.Array, num_rows: int, num_slots: int
+) -> RowTiles:
+    """The row tiles ``lora_split_forward`` runs on: ``plan_row_tiles`` of ``BLOCK_ROWS``
+    rows, cut to the first ``num_rows`` (the only ones that can hold rows); int32 [T]
+    each."""
+    tiles = plan_row_tiles(seg_ends, seg_slots, num_rows, num_slots, BLOCK_ROWS)
+    return RowTiles(*(field[:num_rows] for field in tiles))
 
 
 class _Projection(NamedTuple):
@@ -218,7 +232,6 @@ def _expand_projection(
     jax.jit,
     static_argnames=(
         "return_h",
-        "block_rows",
         "block_k",
         "blocks_per_split",
         "block_n",
@@ -233,9 +246,9 @@ def lora_split_forward(
     bases: Sequence[jax.Array | None],
     seg_ends: jax.Array,
     seg_slots: jax.Array,
+    tiles: RowTiles | None = None,
     *,
     return_h: bool = False,
-    block_rows: int = 16,
     block_k: int = 512,
     blocks_per_split: int = 1,
     block_n: int = 256,
@@ -252,8 +265,10 @@ def lora_split_forward(
         tables of one adapter table (same ``N`` slots).
       bases: ``G`` base outputs ``[T, D_g]``, or None (zeros).
       seg_ends, seg_slots: ``[S]`` int32 segment metadata (see ``segments``).
+      tiles: ``plan_split_tiles`` of that metadata (for ``T`` rows and the tables' ``N``
+        slots), or None to plan them here; or any ``RowTiles`` of ``[T]`` covering the
+        rows with tiles of at most ``DOT_ROWS`` rows that never straddle a segment.
       return_h: also return every ``h_g = x @ a_g[s]`` (zero on adapter-free rows).
-      block_rows: rows per tile (at most 16, the dots' rows).
       block_k, blocks_per_split: the shrink's ``K`` block and blocks per program.
       block_n, sub_blocks: the expand's output columns per step, and steps per program.
     Returns:
@@ -263,13 +278,13 @@ def lora_split_forward(
     num_rows, num_k = x.shape
     tables, bases = tuple(tuple(t) for t in tables), tuple(bases)
     assert len(tables) == len(bases) >= 1, (len(tables), len(bases))
-    assert 1 <= block_rows <= DOT_ROWS, block_rows
     num_slots = tables[0][0].shape[0]
     block_k = min(block_k, max(16, pl.next_power_of_2(num_k)))
     splits = pl.cdiv(pl.cdiv(num_k, block_k), blocks_per_split)
-    tiles = plan_row_tiles(seg_ends, seg_slots, num_rows, num_slots, block_rows)
-    tiles = RowTiles(*(field[:num_rows] for field in tiles))  # the only tiles with rows
+    if tiles is None:
+        tiles = plan_split_tiles(seg_ends, seg_slots, num_rows, num_slots)
     num_tiles = tiles.slot.shape[0]
+    assert all(field.shape == (num_tiles,) for field in tiles) and num_tiles <= num_rows, tiles
     interpret = default_interpret() if interpret is None else interpret
     params = plgpu.CompilerParams(num_warps=num_warps, num_stages=1)
 

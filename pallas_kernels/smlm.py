@@ -6,11 +6,12 @@ in a segment served by adapter slot ``s``, ``base[t] + scale[s] * x[t] @ a[s] @ 
 ``smlm_group`` does the same for several projections of one input ``x`` (q, k
 and v; gate and up), each with its own tables and base.
 
-The forward of a batch of at most ``FUSED_MAX_ROWS`` rows is two short launches
-for the whole group (``lora_split``: a split-K shrink, an expand); a larger batch
-takes two kernels per projection, shrink (``h = x @ a[s]``, ``[T, R]``) and
-expand. Either way ``h`` is saved for the backward, which is four kernels per
-projection with ``g = dY``:
+The forward of a batch of at most ``SMALL_BATCH_ROWS`` rows is two short launches
+for the whole group (``lora_split``: a split-K shrink, an expand; ``plan_forward``
+plans their row tiles once for every call on one batch); a larger batch takes two
+kernels per projection, shrink (``h = x @ a[s]``, ``[T, R]``) and expand. Either
+way ``h`` is saved for the backward, which is four kernels per projection with
+``g = dY``:
 
 * ``mid = scale[s] * g @ b[s]^T``   (shrink, ``b`` transposed)
 * ``dx  = mid @ a[s]^T``            (expand, ``a`` transposed)
@@ -40,27 +41,39 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.expand import segment_expand
-from pallas_kernels.lora_split import lora_split_forward
+from pallas_kernels.lora_split import lora_split_forward, plan_split_tiles
 from pallas_kernels.outer import segment_outer
+from pallas_kernels.segments import RowTiles
 from pallas_kernels.shrink import segment_shrink
 
-FUSED_MAX_ROWS = 256
-"""Batches of at most this many rows take the small-batch forward (``SMALL_FORWARD``).
+SMALL_BATCH_ROWS = 256
+"""Batches of at most this many rows take the small-batch forward (``lora_split``).
 
 Below it the two-kernel forward is mostly launch latency (RESULTS.md: 10.5 µs of
 kernels at T = 16 and 12.3 at T = 256, against a memory floor of 1-3 µs), which
-two launches per group instead of two per projection attack. The value was set
-for the fused kernel and not re-measured for ``lora_split``: to be tuned on a
-GPU with ``benchmarks/bench_lora_decode.py``.
+two launches per group instead of two per projection attack. The value is not
+tuned for ``lora_split``: ``benchmarks/bench_lora_decode.py`` measures both paths.
+Read at trace time (``benchmarks/bench_decode_step.py`` sets it to 0 to time the
+two-kernel path).
 """
 
-SMALL_FORWARD = lora_split_forward
-"""The small-batch group forward: ``lora_split_forward`` (two launches per group, no
-program longer than one split of ``K``), or ``lora_group_forward`` (one launch, each
-program streaming all of ``K``; 30-90 µs a call on an H200, RESULTS.md). Read at trace
-time; ``benchmarks/bench_decode_step.py`` swaps it."""
-
 Table = tuple[jax.Array, jax.Array, jax.Array]  # (a [N, K, R], b [N, R, D], scale [N])
+
+
+def plan_forward(
+    seg_ends: jax.Array, seg_slots: jax.Array, num_rows: int, num_slots: int
+) -> RowTiles | None:
+    """The small-batch forward's row tiles of a batch of ``num_rows`` rows over tables of
+    ``num_slots`` slots, to pass as ``tiles`` to every ``smlm_group`` call on it; None
+    for a batch above ``SMALL_BATCH_ROWS`` (its kernels plan their own).
+
+    A model plans once per step: each of its layers is a nested jit, where XLA shares
+    nothing between calls, so planning inside every call costs an 8B model 128 small
+    plan kernels a decode step (RESULTS.md, runs 5-6).
+    """
+    if num_rows > SMALL_BATCH_ROWS:
+        return None
+    return plan_split_tiles(seg_ends, seg_slots, num_rows, num_slots)
 
 
 def smlm(
@@ -72,6 +85,7 @@ def smlm(
     seg_slots: jax.Array,
     base: jax.Array | None = None,
     grad_rows: jax.Array | int | None = None,
+    tiles: RowTiles | None = None,
     *,
     interpret: bool | None = None,
 ) -> jax.Array:
@@ -84,12 +98,13 @@ def smlm(
       seg_ends, seg_slots: ``[S]`` int32 segment metadata.
       base: optional ``[T, D]`` base-layer output to add to.
       grad_rows: optional int32 scalar: only rows before it get gradients.
+      tiles: optional ``plan_forward`` of the metadata.
       interpret: run the kernels in interpret mode (default: unless on a GPU).
     Returns:
       ``[T, D]`` in ``base``'s dtype, else ``x``'s.
     """
     (y,) = smlm_group(
-        x, [(a, b, scale)], [base], seg_ends, seg_slots, grad_rows, interpret=interpret
+        x, [(a, b, scale)], [base], seg_ends, seg_slots, grad_rows, tiles, interpret=interpret
     )
     return y
 
@@ -101,6 +116,7 @@ def smlm_group(
     seg_ends: jax.Array,
     seg_slots: jax.Array,
     grad_rows: jax.Array | int | None = None,
+    tiles: RowTiles | None = None,
     *,
     interpret: bool | None = None,
 ) -> tuple[jax.Array, ...]:
@@ -113,6 +129,8 @@ def smlm_group(
       bases: ``G`` optional ``[T, D_g]`` base-layer outputs to add to.
       seg_ends, seg_slots: ``[S]`` int32 segment metadata.
       grad_rows: optional int32 scalar: only rows before it get gradients.
+      tiles: optional ``plan_forward(seg_ends, seg_slots, T, N)``, planned once for all
+        the calls on one batch; None plans here.
       interpret: run the kernels in interpret mode (default: unless on a GPU).
     Returns:
       ``(y_1, ..., y_G)``, ``y_g [T, D_g]`` in ``base_g``'s dtype, else ``x``'s.
@@ -121,12 +139,14 @@ def smlm_group(
     assert len(tables) == len(bases) >= 1, (len(tables), len(bases))
     if grad_rows is not None:
         grad_rows = jnp.asarray(grad_rows, jnp.int32)
-    return _smlm_group(interpret, x, tables, bases, seg_ends, seg_slots, grad_rows)
+    return _smlm_group(interpret, x, tables, bases, seg_ends, seg_slots, grad_rows, tiles)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _smlm_group(interpret, x, tables, bases, seg_ends, seg_slots, grad_rows):
-    return smlm_group_forward(x, tables, bases, seg_ends, seg_slots, interpret=interpret)[0]
+def _smlm_group(interpret, x, tables, bases, seg_ends, seg_slots, grad_rows, tiles):
+    return smlm_group_forward(
+        x, tables, bases, seg_ends, seg_slots, tiles=tiles, interpret=interpret
+    )[0]
 
 
 def smlm_group_forward(
@@ -136,6 +156,7 @@ def smlm_group_forward(
     seg_ends: jax.Array,
     seg_slots: jax.Array,
     *,
+    tiles: RowTiles | None = None,
     save_h: bool = False,
     reduce_h: Callable[[jax.Array], jax.Array] | None = None,
     interpret: bool | None = None,
@@ -145,6 +166,7 @@ def smlm_group_forward(
     or the two-kernel path made them. ``smlm_group_backward`` takes them back.
 
     Args:
+      tiles: ``plan_forward`` of the metadata, or None (planned here if needed).
       reduce_h: applied to every float32 ``h`` between shrink and expand, e.g. a psum
         over a mesh axis when ``x`` and ``a`` hold one slice of ``K`` each (a
         row-parallel projection): then ``y = base + scale * round(reduce_h(h)) @ b``.
@@ -152,9 +174,9 @@ def smlm_group_forward(
         partials inside its expand kernel).
     """
     tables, bases = tuple(tuple(t) for t in tables), tuple(bases)
-    if reduce_h is None and x.shape[0] <= FUSED_MAX_ROWS:
-        out = SMALL_FORWARD(
-            x, tables, bases, seg_ends, seg_slots, return_h=save_h, interpret=interpret
+    if reduce_h is None and x.shape[0] <= SMALL_BATCH_ROWS:
+        out = lora_split_forward(
+            x, tables, bases, seg_ends, seg_slots, tiles, return_h=save_h, interpret=interpret
         )
         return out if save_h else (out, None)
     ys, hs = [], []
@@ -181,9 +203,9 @@ def smlm_group_forward(
     return tuple(ys), tuple(hs)
 
 
-def _smlm_group_fwd(interpret, x, tables, bases, seg_ends, seg_slots, grad_rows):
+def _smlm_group_fwd(interpret, x, tables, bases, seg_ends, seg_slots, grad_rows, tiles):
     ys, hs = smlm_group_forward(
-        x, tables, bases, seg_ends, seg_slots, save_h=True, interpret=interpret
+        x, tables, bases, seg_ends, seg_slots, tiles=tiles, save_h=True, interpret=interpret
     )
     # Zero-size arrays remember the bases' dtypes (or their absence) for the backward.
     base_likes = tuple(None if base is None else jnp.zeros((0,), base.dtype) for base in bases)
@@ -199,7 +221,7 @@ def _smlm_group_bwd(interpret, residuals, gs):
         None if like is None else g.astype(like.dtype)
         for g, like in zip(gs, base_likes, strict=True)
     )
-    return dx, tuple((da, db, None) for da, db in table_grads), dbases, None, None, None
+    return dx, tuple((da, db, None) for da, db in table_grads), dbases, None, None, None, None
 
 
 def smlm_group_backward(

@@ -4,9 +4,9 @@ Shapes are fixed per test (one compile each), as in the product, where batch
 capacity is static; hypothesis varies the segment layout, which is data. Off
 GPU the kernels run interpreted, and the interpreter fills every output buffer
 with NaN first, so "matches the reference and is finite" also proves that every
-output element was written. ``NUM_ROWS`` is within ``FUSED_MAX_ROWS``, so
-``smlm`` runs its fused forward here; ``LARGE_ROWS`` covers the two-kernel one
-(tests/test_lora_group.py tests the fused kernel and ``smlm_group`` further).
+output element was written. ``NUM_ROWS`` is within ``SMALL_BATCH_ROWS``, so
+``smlm`` runs its small-batch forward here; ``LARGE_ROWS`` covers the two-kernel one
+(tests/test_lora_split.py tests the small-batch kernels and ``smlm_group`` further).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 from jax.experimental import pallas as pl
 
 from pallas_kernels import (
-    FUSED_MAX_ROWS,
+    SMALL_BATCH_ROWS,
     plan_row_tiles,
     plan_slot_chunks,
     segment_expand,
@@ -140,8 +140,8 @@ def test_compiled_kernels_match_reference_on_gpu(dtype, layout, with_base):
     check_against_reference(SHAPES[1], dtype, layout, with_base)
 
 
-# A batch above FUSED_MAX_ROWS: the two-kernel forward (NUM_ROWS takes the fused one).
-LARGE_ROWS = FUSED_MAX_ROWS + 16
+# A batch above SMALL_BATCH_ROWS: the two-kernel forward (NUM_ROWS takes the small-batch one).
+LARGE_ROWS = SMALL_BATCH_ROWS + 16
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
@@ -167,8 +167,7 @@ def test_forward_path_by_batch_size(num_rows, kernels):
     x, a, b, base, _, scale = make_operands(0, *SHAPES[0], jnp.float32, num_rows)
     ends, slots = np.array([num_rows], np.int32), np.array([0], np.int32)
     jaxpr = str(jax.make_jaxpr(lambda x: smlm(x, a, b, scale, ends, slots, base))(x))
-    names = {"smlm_group_fused", "smlm_split_shrink", "smlm_split_expand"}
-    names |= {"smlm_shrink", "smlm_expand"}
+    names = {"smlm_split_shrink", "smlm_split_expand", "smlm_shrink", "smlm_expand"}
     assert {name for name in names if name in jaxpr} == kernels
 
 

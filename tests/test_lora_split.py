@@ -1,5 +1,5 @@
-"""The small-batch group forwards (``lora_split_forward``, which ``smlm_group`` takes at
-these sizes, and ``lora_group_forward``) and ``smlm_group`` against the reference.
+"""The small-batch group forward (``lora_split_forward``, which ``smlm_group`` takes at
+these sizes) and ``smlm_group`` against the reference.
 
 Each projection of a group is checked against ``smlm_reference``; gradients
 against the reference's autodiff, ``dx`` summed over the group. Shapes are fixed
@@ -20,16 +20,18 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pallas_kernels import (
-    FUSED_MAX_ROWS,
-    lora_group_forward,
+    SMALL_BATCH_ROWS,
+    RowTiles,
+    lora_split_forward,
+    plan_forward,
+    plan_row_tiles,
     smlm_group,
     smlm_reference,
     token_slots,
 )
-from pallas_kernels.lora_split import lora_split_forward
 
 NUM_ROWS, NUM_SEGMENTS, NUM_SLOTS, D_IN = 48, 8, 5, 40
-assert NUM_ROWS <= FUSED_MAX_ROWS  # smlm_group takes the small-batch forward here
+assert NUM_ROWS <= SMALL_BATCH_ROWS  # smlm_group takes the small-batch forward here
 TOLERANCE = {jnp.float32: 1e-5, jnp.bfloat16: 1e-2}
 # Groups of (rank, d_out, has_base): ranks below the 16-wide rank block, outputs
 # that are not multiples of the column blocks; d_out = 300 takes two column
@@ -88,11 +90,14 @@ def make_group(seed, group, dtype, num_rows=NUM_ROWS, d_in=D_IN, num_slots=NUM_S
     return x, tuple(tables), tuple(bases), tuple(cotangents)
 
 
-@jax.jit
-def group_and_grads(x, tables, bases, cotangents, ends, slots, grad_rows):
+@functools.partial(jax.jit, static_argnames="planned")
+def group_and_grads(x, tables, bases, cotangents, ends, slots, grad_rows, planned=False):
+    """Outputs and gradients of ``smlm_group``; ``planned``: with row tiles planned
+    beforehand (``plan_forward``), as a model passes them."""
     TRACES.append(None)
+    tiles = plan_forward(ends, slots, x.shape[0], tables[0][0].shape[0]) if planned else None
     y, vjp = jax.vjp(
-        lambda x, tables, bases: smlm_group(x, tables, bases, ends, slots, grad_rows),
+        lambda x, tables, bases: smlm_group(x, tables, bases, ends, slots, grad_rows, tiles),
         x,
         tables,
         bases,
@@ -123,11 +128,13 @@ def reference_and_grads(x, tables, bases, cotangents, ends, slots, grad_rows):
     return forward(x, tables, bases), jax.grad(loss, argnums=(0, 1, 2))(x, tables, bases)
 
 
-def check_group(group, dtype, layout, num_rows=NUM_ROWS, d_in=D_IN, num_slots=NUM_SLOTS):
+def check_group(
+    group, dtype, layout, num_rows=NUM_ROWS, d_in=D_IN, num_slots=NUM_SLOTS, planned=False
+):
     ends, slots, grad_rows, seed = layout
     x, tables, bases, cotangents = make_group(seed, group, dtype, num_rows, d_in, num_slots)
     args = (x, tables, bases, cotangents, ends, slots, grad_rows)
-    ys, (dx, dtables, dbases) = group_and_grads(*args)
+    ys, (dx, dtables, dbases) = group_and_grads(*args, planned=planned)
     ys_ref, (dx_ref, dtables_ref, _) = reference_and_grads(*args)
 
     tol = TOLERANCE[dtype]
@@ -156,38 +163,37 @@ def check_group(group, dtype, layout, num_rows=NUM_ROWS, d_in=D_IN, num_slots=NU
 
 
 @pytest.mark.parametrize(
-    "size, dtype", [(2, jnp.bfloat16), (3, jnp.float32)], ids=["G2-bf16", "G3-f32"]
+    "size, dtype, planned",
+    [(2, jnp.bfloat16, True), (3, jnp.float32, False)],
+    ids=["G2-bf16-planned", "G3-f32"],
 )
 @settings(max_examples=8, deadline=None)
 @given(layout=layouts())
-def test_group_forward_and_gradients_match_reference(size, dtype, layout):
-    check_group(GROUPS[size], dtype, layout)
+def test_group_forward_and_gradients_match_reference(size, dtype, planned, layout):
+    check_group(GROUPS[size], dtype, layout, planned=planned)
 
 
 # Multi-tile segments (3-row tiles), several column blocks per projection with a partial
-# last one (d_out = 70: blocks of 32, 32 and 6 columns; 24: 16 and 8); for the split
-# kernel also K = 40 in two splits of two 16-wide blocks, the last one past K.
-SMALL_BLOCKS = {
-    "fused": (lora_group_forward, dict(block_k=16, block_n=16, block_cols=32)),
-    "split": (lora_split_forward, dict(block_k=16, blocks_per_split=2, block_n=16, sub_blocks=2)),
-}
+# last one (d_out = 70: blocks of 16, 16, 16, 16 and 6 columns; 24: 16 and 8), and K = 40
+# in two splits of two 16-wide blocks, the last one past K.
+SMALL_BLOCKS = dict(block_k=16, blocks_per_split=2, block_n=16, sub_blocks=2)
+TINY_TILE_ROWS = 3
 
 
 @pytest.mark.parametrize(
-    "kernel, size, dtype",
-    [("fused", 1, jnp.bfloat16), ("fused", 3, jnp.float32), ("split", 3, jnp.float32)],
-    ids=["fused-G1-bf16", "fused-G3-f32", "split-G3-f32"],
+    "size, dtype", [(1, jnp.bfloat16), (3, jnp.float32)], ids=["G1-bf16", "G3-f32"]
 )
 @settings(max_examples=8, deadline=None)
 @given(layout=layouts())
-def test_kernel_with_small_blocks(kernel, size, dtype, layout):
-    """Each small-batch kernel with small blocks (``SMALL_BLOCKS``), and the ``h`` it
-    returns for the backward."""
+def test_kernel_with_small_blocks(size, dtype, layout):
+    """The kernels with small blocks (``SMALL_BLOCKS``) on tiles of ``TINY_TILE_ROWS``
+    rows, and the ``h`` they return for the backward."""
     ends, slots, _, seed = layout
     x, tables, bases, _ = make_group(seed, GROUPS[size], dtype)
-    forward, blocks = SMALL_BLOCKS[kernel]
-    ys, hs = forward(
-        x, tables, bases, ends, slots, return_h=True, block_rows=3, interpret=True, **blocks
+    tiles = plan_row_tiles(ends, slots, NUM_ROWS, NUM_SLOTS, TINY_TILE_ROWS)
+    tiles = RowTiles(*(field[:NUM_ROWS] for field in tiles))
+    ys, hs = lora_split_forward(
+        x, tables, bases, ends, slots, tiles, return_h=True, interpret=True, **SMALL_BLOCKS
     )
     slot = np.asarray(token_slots(ends, slots, NUM_ROWS, NUM_SLOTS))
     for (a, b, scale), base, y, h in zip(tables, bases, ys, hs, strict=True):
@@ -227,14 +233,14 @@ def test_padded_rank_columns_stay_zero():
 
 def test_one_compile_for_every_layout():
     """Layouts are data: group_and_grads traces at most once for all of them
-    (none if the tests above already compiled GROUPS[2] in bf16)."""
+    (none if the tests above already compiled GROUPS[2] in bf16, planned)."""
     x, tables, bases, cotangents = make_group(0, GROUPS[2], jnp.bfloat16)
     traces = len(TRACES)
     for lengths, grad_rows in (([48, 0, 0, 0, 0, 0, 0, 0], 48), ([1] * 8, 3), ([20] * 8, 0)):
         ends = np.minimum(np.cumsum(lengths), NUM_ROWS).astype(np.int32)
         slots = np.arange(NUM_SEGMENTS, dtype=np.int32) % NUM_SLOTS
         args = (x, tables, bases, cotangents, ends, slots, grad_rows)
-        jax.block_until_ready(group_and_grads(*args))
+        jax.block_until_ready(group_and_grads(*args, planned=True))
     assert len(TRACES) - traces <= 1
 
 
@@ -260,5 +266,6 @@ LLAMA_ROWS, LLAMA_D_IN, LLAMA_SLOTS = 64, 4096, 64
     )
 )
 def test_compiled_group_matches_reference_on_gpu(layout):
-    """The tests above, compiled by Triton at Llama-3-8B decode shapes."""
-    check_group(LLAMA_QKV, jnp.bfloat16, layout, LLAMA_ROWS, LLAMA_D_IN, LLAMA_SLOTS)
+    """The tests above, compiled by Triton at Llama-3-8B decode shapes, on row tiles
+    planned beforehand as the model plans them."""
+    check_group(LLAMA_QKV, jnp.bfloat16, layout, LLAMA_ROWS, LLAMA_D_IN, LLAMA_SLOTS, planned=True)
