@@ -232,6 +232,7 @@ def _expand_projection(
     jax.jit,
     static_argnames=(
         "return_h",
+        "out_dtype",
         "block_k",
         "blocks_per_split",
         "block_n",
@@ -249,6 +250,7 @@ def lora_split_forward(
     tiles: RowTiles | None = None,
     *,
     return_h: bool = False,
+    out_dtype: jnp.dtype | None = None,
     block_k: int = 512,
     blocks_per_split: int = 1,
     block_n: int = 256,
@@ -269,10 +271,11 @@ def lora_split_forward(
         slots), or None to plan them here; or any ``RowTiles`` of ``[T]`` covering the
         rows with tiles of at most ``DOT_ROWS`` rows that never straddle a segment.
       return_h: also return every ``h_g = x @ a_g[s]`` (zero on adapter-free rows).
+      out_dtype: the dtype of every ``y_g``; default ``base_g``'s, else ``x``'s.
       block_k, blocks_per_split: the shrink's ``K`` block and blocks per program.
       block_n, sub_blocks: the expand's output columns per step, and steps per program.
     Returns:
-      ``(y_1, ..., y_G)``, ``y_g [T, D_g]`` in ``base_g``'s dtype (else ``x``'s); with
+      ``(y_1, ..., y_G)``, ``y_g [T, D_g]`` in ``out_dtype``; with
       ``return_h``, ``((y_1, ..., y_G), (h_1, ..., h_G))``, ``h_g [T, R_g]`` in ``x.dtype``.
     """
     num_rows, num_k = x.shape
@@ -317,7 +320,7 @@ def lora_split_forward(
         projections.append(_Projection(num_blocks, blocks, bn, rank_block(rank), base is not None))
         num_blocks += blocks
         operands += [part, b, scale.astype(jnp.float32), *([] if base is None else [base])]
-        y_dtype = x.dtype if base is None else base.dtype
+        y_dtype = out_dtype or (x.dtype if base is None else base.dtype)
         y_shapes.append(jax.ShapeDtypeStruct((num_rows, num_d), y_dtype))
         h_shapes.append(jax.ShapeDtypeStruct((num_rows, rank), x.dtype))
     out = pl.pallas_call(

@@ -175,10 +175,7 @@ def smlm_group_forward(
     """
     tables, bases = tuple(tuple(t) for t in tables), tuple(bases)
     if reduce_h is None and x.shape[0] <= SMALL_BATCH_ROWS:
-        out = lora_split_forward(
-            x, tables, bases, seg_ends, seg_slots, tiles, return_h=save_h, interpret=interpret
-        )
-        return out if save_h else (out, None)
+        return _small_batch_forward(x, tables, bases, seg_ends, seg_slots, tiles, save_h, interpret)
     ys, hs = [], []
     for (a, b, scale), base in zip(tables, bases, strict=True):
         if reduce_h is None:
@@ -201,6 +198,36 @@ def smlm_group_forward(
         ys.append(y)
         hs.append(h)
     return tuple(ys), tuple(hs)
+
+
+def _small_batch_forward(x, tables, bases, seg_ends, seg_slots, tiles, save_h, interpret):
+    """``smlm_group_forward`` of a small batch: the kernels write the adapter terms alone,
+    in float32, and XLA adds each to its base (rounding once, as the kernels would).
+
+    The addition then fuses with the base matmul's own epilogue and consumers (its split-K
+    sum, the q/k/v slices of a fused matmul, the residual add); a base operand of the
+    kernel would make XLA write each base out first, in launches of its own (RESULTS.md,
+    run 10: 5 a layer). At these sizes the float32 terms are at most a few MB.
+    """
+    out = lora_split_forward(
+        x,
+        tables,
+        (None,) * len(tables),
+        seg_ends,
+        seg_slots,
+        tiles,
+        return_h=save_h,
+        out_dtype=jnp.float32,
+        interpret=interpret,
+    )
+    terms, hs = out if save_h else (out, None)
+    ys = tuple(
+        term.astype(x.dtype)
+        if base is None
+        else (base.astype(jnp.float32) + term).astype(base.dtype)
+        for base, term in zip(bases, terms, strict=True)
+    )
+    return ys, hs
 
 
 def _smlm_group_fwd(interpret, x, tables, bases, seg_ends, seg_slots, grad_rows, tiles):
