@@ -372,12 +372,22 @@ class Engine:
         # The state's variables see the registry's writes to the model: their current
         # values are what a step serves (read as a list: see ``_serving_leaves``).
         self._variables = jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+        for variable in self._variables:
+            if variable.get_value() is not variable.get_raw_value():
+                raise ValueError(
+                    f"{type(variable).__name__} variable of shape {variable.shape} has a value "
+                    "hook or an array ref; the engine serves plain array variables"
+                )
         self._serve_step = serve_step(self._graphdef, jax.tree.structure((state,)))
 
     def _serving_leaves(self) -> list[jax.Array]:
         """The leaves of the states that ``nnx.merge`` with the graphdef into the model
-        to serve, in the order of the serving step's ``states_def``."""
-        return [variable.get_value() for variable in self._variables]
+        to serve, in the order of the serving step's ``states_def``.
+
+        Raw values (checked plain in ``_bind_model``): ``get_value`` costs ~15 µs a
+        variable on a CPU core, 15 ms a step for the 963 variables of the Llama-3-8B shape
+        with adapter tables, against ~2 µs."""
+        return [variable.get_raw_value() for variable in self._variables]
 
     def _schedule(self, budget: int | None = None) -> ScheduledStep | None:
         """The next step's chunks within ``budget`` tokens (default the token capacity),

@@ -83,7 +83,28 @@ class LoraBatch:
         train_rows: int | None = None,
         placement: jax.sharding.Sharding | None = None,
     ) -> LoraBatch:
-        """Metadata for sequences of ``lengths`` packed back to back from row 0.
+        """Metadata for sequences of ``lengths`` packed back to back from row 0, on the
+        device: ``pack_host``'s (same arguments) put on ``placement`` in one transfer.
+
+        Args:
+          placement: where the arrays go (``jax.device_put``); default the default
+            device, uncommitted. On a device mesh, ``loqjax.sharding.replicated``.
+        """
+        host = cls.pack_host(lengths, slots, num_segments, grad_rows, train_rows)
+        # One transfer for the whole batch: per-array transfers cost host time per step.
+        return jax.device_put(host, placement)
+
+    @classmethod
+    def pack_host(
+        cls,
+        lengths: Sequence[int],
+        slots: Sequence[int],
+        num_segments: int,
+        grad_rows: int | None = None,
+        train_rows: int | None = None,
+    ) -> LoraBatch:
+        """The metadata of ``pack`` as numpy arrays, for a caller that puts it on the
+        device inside a larger batch (each ``jax.device_put`` costs host time).
 
         Args:
           lengths: tokens of each sequence, in packing order.
@@ -91,8 +112,6 @@ class LoraBatch:
             vouches that they are loaded (``AdapterRegistry.batch`` checks names).
           num_segments: the static S; at least ``len(lengths)``.
           grad_rows, train_rows: see the class docstring.
-          placement: where the arrays go (``jax.device_put``); default the default
-            device, uncommitted. On a device mesh, ``loqjax.sharding.replicated``.
         """
         if len(lengths) != len(slots):
             raise ValueError(f"{len(lengths)} lengths but {len(slots)} slots")
@@ -105,12 +124,8 @@ class LoraBatch:
         seg_ends[: len(lengths)] = np.cumsum(lengths)
         seg_slots = np.full(num_segments, -1, np.int32)
         seg_slots[: len(slots)] = slots
-        # One transfer for the whole batch: per-array transfers cost host time per step.
-        return jax.device_put(
-            cls(
-                seg_ends, seg_slots, None if grad_rows is None else np.int32(grad_rows), train_rows
-            ),
-            placement,
+        return cls(
+            seg_ends, seg_slots, None if grad_rows is None else np.int32(grad_rows), train_rows
         )
 
     def with_plan(self, num_rows: int, num_slots: int) -> LoraBatch:

@@ -121,7 +121,12 @@ class SamplingBatch:
     seen: jax.Array
 
     @classmethod
-    def pack(
+    def pack(cls, *args, **kwargs) -> SamplingBatch:
+        """``pack_host`` (same arguments) on the default device, in one transfer."""
+        return jax.device_put(cls.pack_host(*args, **kwargs))
+
+    @classmethod
+    def pack_host(
         cls,
         params: Sequence[SamplingParams],
         seeds: Sequence[int],
@@ -131,7 +136,8 @@ class SamplingBatch:
         seen_capacity: int,
         vocab_size: int,
     ) -> SamplingBatch:
-        """Rows for the first ``len(params)`` sequences; the rest are greedy filler.
+        """Rows for the first ``len(params)`` sequences, the rest greedy filler, as numpy
+        arrays (for a caller that puts them on the device inside a larger batch).
 
         Args:
           params, seeds, steps: per sequence, with the ``SamplingParams``' seed resolved.
@@ -156,8 +162,7 @@ class SamplingBatch:
         for row, (p, ids) in enumerate(zip(params, seen, strict=True)):
             if p.repetition_penalty != 1.0:
                 seen_rows[row, : len(ids)] = ids
-        arrays = (temperature, top_k, top_p, penalty, seed_rows, step_rows, seen_rows)
-        return jax.device_put(cls(*arrays))  # one transfer for all rows
+        return cls(temperature, top_k, top_p, penalty, seed_rows, step_rows, seen_rows)
 
 
 def sample(logits: jax.Array, batch: SamplingBatch) -> jax.Array:

@@ -38,7 +38,7 @@ class ServeRows(NamedTuple):
       page_tables: int32 [S, M].
       logit_rows: int32 [S], each sequence's last row.
       lengths, adapter_slots: per chunk, its rows and adapter slot (-1: the base model).
-      sampling: each sequence's sampling parameters (device arrays).
+      sampling: each sequence's sampling parameters (numpy arrays).
     """
 
     tokens: np.ndarray
@@ -87,7 +87,7 @@ class ServeRows(NamedTuple):
             offset += chunk.length
             logit_rows[row] = offset - 1
         seqs = [chunk.seq for chunk in chunks]
-        sampling = SamplingBatch.pack(
+        sampling = SamplingBatch.pack_host(
             [seq.params for seq in seqs],
             [seq.seed for seq in seqs],
             [seq.num_generated for seq in seqs],
@@ -144,9 +144,7 @@ class ServeBatch:
         """The device batch of ``ServeRows.pack`` (same arguments), put on ``placement``
         (default the default device; on a mesh, ``loqjax.sharding.replicated``)."""
         rows = ServeRows.pack(chunks, adapter_slots, config, vocab_size, num_rows)
-        lora = LoraBatch.pack(
-            rows.lengths, rows.adapter_slots, config.max_seqs, placement=placement
-        )
+        lora = LoraBatch.pack_host(rows.lengths, rows.adapter_slots, config.max_seqs)
         # One transfer for the whole batch: per-array transfers cost host time per step.
         return jax.device_put(
             cls(

@@ -304,12 +304,11 @@ class _TrainRows(NamedTuple):
                 f"training rows); num_segments={num_segments}"
             )
         # The training padding is a base-only segment, so serving segments start at row n.
-        lora = LoraBatch.pack(
+        lora = LoraBatch.pack_host(
             [*self.lengths, num_train_rows - num_train, *serve_lengths],
             [*self.slots, -1, *serve_slots],
             num_segments,
             grad_rows=num_train,
-            placement=placement,
         )
         apply = np.ones(num_slots, bool)
         apply[list(accumulate)] = False

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from flax import nnx
 
 from loqjax import (
     AdapterRegistry,
@@ -264,6 +265,15 @@ def test_chat_prompts_use_the_chat_template():
     out = engine.submit(messages, sampling=dataclasses.replace(SEEDED, max_tokens=3)).result()
     assert list(out.prompt_token_ids) == tokenizer("<user>Hello!\n<assistant>")["input_ids"][1:]
     assert len(out.token_ids) == 3
+
+
+def test_variables_with_value_hooks_are_refused():
+    """The engine serves its variables' stored arrays (``_serving_leaves``): a variable
+    whose read value differs from what it stores is refused, not served stale."""
+    _, model = load_model(DEFAULT_MODEL)
+    model.norm.scale = nnx.Param(model.norm.scale[...], on_get_value=lambda _, x: 2 * x)
+    with pytest.raises(ValueError, match="Param variable .* has a value hook or an array ref"):
+        Engine(model, config=CONFIG)
 
 
 # --- cancellation and adapters changing under the engine ----------------------------
