@@ -10,8 +10,8 @@ decode; per variant it reports, per decode step of ``B`` rows:
 * ``engine``: median wall time of ``Engine.step`` (host scheduling, packing, the transfer,
   the sync on the next tokens and the bookkeeping included);
 * ``device``: median wall time of the jitted serving step alone on one packed decode batch,
-  ``--iters`` calls back to back with one sync at the end (dispatch included, no host work
-  between steps);
+  ``--iters`` calls back to back with one sync at the end (dispatch and the engine's read
+  of its serving leaves included, no other host work between steps);
 * ``kernels``: the GPU kernels' summed time per step from a profiler trace of those calls
   (a traced run launches kernel by kernel, without command buffers), their number, and
   the top kernels (calls per step, ms per step; ``--top`` of them in the JSON row, 12
