@@ -11,9 +11,10 @@ split evenly into one segment per active adapter (slots ``0..n-1``). Methods:
 
 * ``two-kernel``: shrink then expand per projection (``smlm`` above
   ``SMALL_BATCH_ROWS``): 14 launches, plus the shrink's split-K sums.
-* ``split``: ``lora_split_forward`` per group {q, k, v}, {o}, {gate, up}, {down}:
-  a split-K shrink and an expand, 8 launches, on row tiles planned once (as a
-  model plans them once per step).
+* ``split``: the model's small-batch path per group {q, k, v}, {o}, {gate, up},
+  {down}: ``lora_split``'s split-K shrink and expand (8 launches) writing float32
+  adapter terms that XLA adds to the bases, on row tiles planned once (as a model
+  plans them once per step).
 
 (``lora_group``, one launch per group with each program streaming all of ``K``,
 was measured here at 30-90 µs a launch and deleted; RESULTS.md, runs 5-6.)
@@ -44,8 +45,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels import lora_split_forward, segment_expand, segment_shrink, smlm_reference
-from pallas_kernels.lora_split import plan_split_tiles
+from pallas_kernels import (
+    lora_split_forward,
+    plan_forward,
+    segment_expand,
+    segment_shrink,
+    smlm_reference,
+)
 
 from bench_smlm import chained, time_run, trace_kernel_times
 
@@ -116,20 +122,25 @@ def two_kernel(shapes, xs, tables, bases, seg_ends, seg_slots):
 
 
 def split(shapes, xs, tables, bases, seg_ends, seg_slots, **tunables):
+    """What ``smlm_group`` does at these sizes (``smlm._small_batch_forward``), with
+    ``lora_split``'s tunables: float32 adapter terms, added to the bases by XLA."""
     num_rows, num_slots = xs["attn"].shape[0], tables["q"][0].shape[0]
-    tiles = plan_split_tiles(seg_ends, seg_slots, num_rows, num_slots)
+    tiles = plan_forward(seg_ends, seg_slots, num_rows, num_slots)
+    assert tiles is not None, f"T = {num_rows} is above SMALL_BATCH_ROWS"
     ys = {}
     for group in GROUPS:
-        outs = lora_split_forward(
+        terms = lora_split_forward(
             xs[shapes[group[0]][0]],
             [tables[name] for name in group],
-            [bases[name] for name in group],
+            [None] * len(group),
             seg_ends,
             seg_slots,
             tiles,
+            out_dtype=jnp.float32,
             **tunables,
         )
-        ys.update(zip(group, outs, strict=True))
+        for name, term in zip(group, terms, strict=True):
+            ys[name] = (bases[name].astype(jnp.float32) + term).astype(bases[name].dtype)
     return ys
 
 

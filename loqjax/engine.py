@@ -386,7 +386,7 @@ class Engine:
 
         Raw values (checked plain in ``_bind_model``): ``get_value`` costs ~15 µs a
         variable on a CPU core, 15 ms a step for the 963 variables of the Llama-3-8B shape
-        with adapter tables, against ~2 µs."""
+        with adapter tables, ``get_raw_value`` 0.4 µs."""
         return [variable.get_raw_value() for variable in self._variables]
 
     def _schedule(self, budget: int | None = None) -> ScheduledStep | None:

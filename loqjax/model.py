@@ -288,9 +288,9 @@ class CausalLM(nnx.Module):
         """
         if (cache is None) != (pages is None):
             raise ValueError("a KV cache and its pages must be passed together")
-        num_slots = self.lora_slots()
-        if lora is not None and lora.tiles is None and num_slots and self.mesh is None:
-            lora = lora.with_plan(tokens.shape[0], num_slots)  # once for every layer
+        if lora is not None and lora.tiles is None and self.mesh is None:
+            if num_slots := self.lora_slots():
+                lora = lora.with_plan(tokens.shape[0], num_slots)  # once for every layer
         cos, sin = rope_cos_sin(positions, self.config)
         x = parallel.constrain_rows(self.mesh, self.embed_tokens(tokens))
         layer_kvs = (None,) * len(self.layers) if cache is None else cache

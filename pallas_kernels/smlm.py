@@ -67,9 +67,9 @@ def plan_forward(
     ``num_slots`` slots, to pass as ``tiles`` to every ``smlm_group`` call on it; None
     for a batch above ``SMALL_BATCH_ROWS`` (its kernels plan their own).
 
-    A model plans once per step: each of its layers is a nested jit, where XLA shares
-    nothing between calls, so planning inside every call costs an 8B model 128 small
-    plan kernels a decode step (RESULTS.md, runs 5-6).
+    A model plans once per step and passes the tiles to all its layers: planned inside
+    every call, the sharing is left to XLA's CSE across the layers' nested jits (which
+    does share them today: RESULTS.md, runs 9-10).
     """
     if num_rows > SMALL_BATCH_ROWS:
         return None
@@ -207,7 +207,8 @@ def _small_batch_forward(x, tables, bases, seg_ends, seg_slots, tiles, save_h, i
     The addition then fuses with the base matmul's own epilogue and consumers (its split-K
     sum, the q/k/v slices of a fused matmul, the residual add); a base operand of the
     kernel would make XLA write each base out first, in launches of its own (RESULTS.md,
-    run 10: 5 a layer). At these sizes the float32 terms are at most a few MB.
+    runs 10 and 12: 1009 -> 834 launches a decode step of the Llama-3-8B shape). At these
+    sizes the float32 terms are at most a few MB.
     """
     out = lora_split_forward(
         x,
