@@ -277,6 +277,10 @@ def test_kernels_with_small_blocks(layout):
 
 # --- the row-tile and chunk plans ---
 
+# Jitted (one compile per static size) rather than run op by op for every example.
+PLAN_ROW_TILES = jax.jit(plan_row_tiles, static_argnums=(2, 3, 4))
+PLAN_SLOT_CHUNKS = jax.jit(plan_slot_chunks, static_argnums=(1, 2))
+
 
 @settings(max_examples=40, deadline=None)
 @given(
@@ -286,7 +290,7 @@ def test_kernels_with_small_blocks(layout):
 )
 def test_plans_cover_rows_once_within_segments(layout, block_rows, tiles_per_chunk):
     ends, slots, grad_rows, _ = layout
-    tiles = plan_row_tiles(ends, slots, NUM_ROWS, NUM_SLOTS, block_rows, grad_rows)
+    tiles = PLAN_ROW_TILES(ends, slots, NUM_ROWS, NUM_SLOTS, block_rows, grad_rows)
     slot_of_row = np.asarray(token_slots(ends, slots, NUM_ROWS, NUM_SLOTS))
     slot_of_row = np.where(np.arange(NUM_ROWS) < grad_rows, slot_of_row, -1)
     covered = np.zeros(NUM_ROWS, int)
@@ -296,10 +300,10 @@ def test_plans_cover_rows_once_within_segments(layout, block_rows, tiles_per_chu
         assert (slot_of_row[start : start + length] == slot).all()
     np.testing.assert_array_equal(covered, 1)
 
-    chunks = plan_slot_chunks(tiles, NUM_SLOTS, tiles_per_chunk)
-    sorted_slot, sorted_length = np.asarray(chunks.tiles.slot), np.asarray(chunks.tiles.length)
+    chunks = jax.tree.map(np.asarray, PLAN_SLOT_CHUNKS(tiles, NUM_SLOTS, tiles_per_chunk))
+    sorted_slot, sorted_length = chunks.tiles.slot, chunks.tiles.length
     rows_per_slot = np.zeros(NUM_SLOTS + 1, int)
-    chunk_slot = np.asarray(chunks.slot)
+    chunk_slot = chunks.slot
     for slot, begin, end in zip(chunk_slot, chunks.begin, chunks.end, strict=True):
         assert 0 <= end - begin <= tiles_per_chunk
         assert (sorted_slot[begin:end] == slot).all()
