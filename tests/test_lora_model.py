@@ -151,8 +151,8 @@ def test_lora_batch_pack():
 
 def test_small_batch_plans_its_row_tiles_once_per_forward(hf_models, lora_models):
     """The small-batch SMLM forward's row tiles are planned once for every projection of
-    every layer (``CausalLM.hidden``), not in each call: each layer is a nested jit, where
-    XLA would keep one plan per projection group per layer. Every plan has one cummax."""
+    every layer (``CausalLM.hidden``), not in each call, where sharing them would be left
+    to XLA's CSE across the layers' nested jits. Every plan has one cummax."""
     model, _ = lora_models[ARCH]
     _, inputs = _inputs(hf_models[ARCH].vocab_size, [10, 12])
     batch = LoraBatch.pack([10, 12], [0, 1], NUM_SEGMENTS)
