@@ -97,6 +97,10 @@ def test_layer_kv_write_and_gather():
 
 def test_page_slots():
     np.testing.assert_array_equal(page_slots([7, 2], 3, 6, page_size=4), [31, 8, 9])
+    for position, slot in ((3, 31), (4, 8), (0, 28)):  # one position: a decode row
+        got = page_slots([7, 2], position, position + 1, page_size=4)
+        assert got.dtype == np.int32
+        np.testing.assert_array_equal(got, [slot])
 
 
 def test_page_pool_allocates_all_or_nothing_and_checks_frees():
