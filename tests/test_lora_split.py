@@ -30,9 +30,10 @@ from pallas_kernels import (
     token_slots,
 )
 
-NUM_ROWS, NUM_SEGMENTS, NUM_SLOTS, D_IN = 48, 8, 5, 40
+from smlm_cases import NUM_ROWS, NUM_SEGMENTS, NUM_SLOTS, TOLERANCE, layouts, rel_err
+
+D_IN = 40
 assert NUM_ROWS <= SMALL_BATCH_ROWS  # smlm_group takes the small-batch forward here
-TOLERANCE = {jnp.float32: 1e-5, jnp.bfloat16: 1e-2}
 # Groups of (rank, d_out, has_base): ranks below the 16-wide rank block, outputs
 # that are not multiples of the column blocks; d_out = 300 takes two column
 # blocks by default (256-wide sub-blocks), the second one partial. A group of
@@ -44,34 +45,6 @@ GROUPS = {
     3: ((8, 70, True), (8, 24, True), (8, 24, False)),
 }
 TRACES = []  # one entry per trace of group_and_grads
-
-
-def rel_err(got, want) -> float:
-    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
-    return float(np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-30))
-
-
-@st.composite
-def layouts(draw, num_rows=NUM_ROWS, num_segments=NUM_SEGMENTS, num_slots=NUM_SLOTS):
-    """Segment ends/slots: empty and one-row segments, repeated slots, slot -1,
-    an uncovered tail, and a training-row limit anywhere in the batch."""
-    lengths = draw(
-        st.lists(
-            st.sampled_from([0, 1, 2, 3, 5, 7, 16, 17, 33]),
-            min_size=num_segments,
-            max_size=num_segments,
-        )
-    )
-    ends = np.minimum(np.cumsum(lengths), num_rows).astype(np.int32)
-    slots = np.asarray(
-        draw(
-            st.lists(st.integers(-1, num_slots - 1), min_size=num_segments, max_size=num_segments)
-        ),
-        np.int32,
-    )
-    grad_rows = draw(st.integers(0, num_rows))
-    seed = draw(st.integers(0, 2**31 - 1))
-    return ends, slots, grad_rows, seed
 
 
 def make_group(seed, group, dtype, num_rows=NUM_ROWS, d_in=D_IN, num_slots=NUM_SLOTS):
