@@ -26,6 +26,7 @@ from flax import nnx
 
 from loqjax import CausalLM, LoraAdapter, ModelConfig
 from loqjax.lora import TARGET_MODULES
+from loqjax.unified import TrainSequence, UnifiedBatch
 
 LLAMA3_8B = ModelConfig(
     vocab_size=128256,
@@ -243,3 +244,31 @@ class Timer:
 
     def __exit__(self, *exc):
         self.seconds = time.perf_counter() - self._start
+
+
+def random_training_batch(
+    rng: np.random.Generator,
+    vocab_size: int,
+    num_adapters: int,
+    seqs_per_adapter: int,
+    seq_len: int,
+    num_slots: int,
+    placement: jax.sharding.Sharding | None = None,
+) -> UnifiedBatch:
+    """A training-only unified batch: ``seqs_per_adapter`` random sequences of ``seq_len``
+    ids for each of slots ``0..num_adapters-1``, packed without padding."""
+    train = [
+        TrainSequence(slot, rng.integers(0, vocab_size, seq_len, np.int32))
+        for slot in range(num_adapters)
+        for _ in range(seqs_per_adapter)
+    ]
+    return UnifiedBatch.pack(
+        train,
+        [],
+        num_train_rows=num_adapters * seqs_per_adapter * seq_len,
+        num_serve_rows=0,
+        num_segments=len(train) + 1,
+        num_samples=0,
+        num_slots=num_slots,
+        placement=placement,
+    )

@@ -29,7 +29,7 @@ import numpy as np
 from loqjax import AdapterRegistry, LoraConfig, add_lora_tables
 from loqjax.leaves import Leaves
 from loqjax.optim import SlotOptimizer, adamw
-from loqjax.unified import TrainSequence, TrainState, UnifiedBatch, make_unified_step, split_model
+from loqjax.unified import TrainState, make_unified_step, split_model
 
 from bench_common import (
     Rows,
@@ -40,6 +40,7 @@ from bench_common import (
     num_matmul_params,
     peak_memory_gib,
     random_model,
+    random_training_batch,
 )
 
 NUM_SLOTS = 8
@@ -85,20 +86,9 @@ def main(argv=None):
         for n in sorted(args.adapters):
             num_rows = n * args.seqs * seq_len
 
-            def batch(n=n, num_rows=num_rows):
-                train = [
-                    TrainSequence(slot, rng.integers(0, config.vocab_size, seq_len, np.int32))
-                    for slot in range(n)
-                    for _ in range(args.seqs)
-                ]
-                return UnifiedBatch.pack(
-                    train,
-                    [],
-                    num_train_rows=num_rows,
-                    num_serve_rows=0,
-                    num_segments=len(train) + 1,
-                    num_samples=0,
-                    num_slots=NUM_SLOTS,
+            def batch(n=n):
+                return random_training_batch(
+                    rng, config.vocab_size, n, args.seqs, seq_len, NUM_SLOTS
                 )
 
             with Timer() as warm:

@@ -66,6 +66,7 @@ from bench_common import (
     load_adapters,
     random_adapter,
     random_model,
+    random_training_batch,
 )
 from bench_inference import generate
 
@@ -235,20 +236,8 @@ def finetune(model, mesh, args) -> dict:
     vocab = model.config.vocab_size
 
     def batch():
-        train = [
-            TrainSequence(slot, rng.integers(0, vocab, args.seq_len, np.int32))
-            for slot in range(args.adapters)
-            for _ in range(args.seqs)
-        ]
-        return UnifiedBatch.pack(
-            train,
-            [],
-            num_train_rows=num_rows,
-            num_serve_rows=0,
-            num_segments=len(train) + 1,
-            num_samples=0,
-            num_slots=NUM_SLOTS,
-            placement=placement,
+        return random_training_batch(
+            rng, vocab, args.adapters, args.seqs, args.seq_len, NUM_SLOTS, placement
         )
 
     with Timer() as warm:
