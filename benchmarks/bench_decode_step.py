@@ -87,14 +87,7 @@ def engine_steps(engine: Engine, steps: int) -> float:
 
 def next_batch(engine: Engine) -> ServeBatch:
     """The engine's next step's batch, packed as ``Engine.step`` packs it (not stepped)."""
-    scheduled = engine._schedule()
-    return ServeBatch.pack(
-        scheduled.chunks,
-        scheduled.adapter_slots,
-        engine.config,
-        engine.model_config.vocab_size,
-        num_rows=engine._bucket(scheduled.num_tokens),
-    )
+    return engine._batch(engine._schedule())
 
 
 def device_steps(engine: Engine, iters: int, repeats: int):

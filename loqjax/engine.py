@@ -406,10 +406,10 @@ class Engine:
         """The smallest token bucket that holds ``num_tokens``."""
         return min(b for b in self.config.token_buckets if b >= num_tokens)
 
-    def _serve(self, scheduled: ScheduledStep, bucket: int | None = None) -> np.ndarray:
-        """Runs a serving-only step at ``bucket`` rows (default the smallest that holds
-        the chunks); int32 [S] next token of every row."""
-        batch = ServeBatch.pack(
+    def _batch(self, scheduled: ScheduledStep, bucket: int | None = None) -> ServeBatch:
+        """The device batch of a serving-only step at ``bucket`` rows (default the
+        smallest that holds the chunks)."""
+        return ServeBatch.pack(
             scheduled.chunks,
             scheduled.adapter_slots,
             self.config,
@@ -417,6 +417,11 @@ class Engine:
             num_rows=bucket or self._bucket(scheduled.num_tokens),
             placement=self._placement,
         )
+
+    def _serve(self, scheduled: ScheduledStep, bucket: int | None = None) -> np.ndarray:
+        """Runs a serving-only step at ``bucket`` rows (default the smallest that holds
+        the chunks); int32 [S] next token of every row."""
+        batch = self._batch(scheduled, bucket)
         next_tokens, self._cache = self._serve_step(self._serving_leaves(), self._cache, batch)
         return np.asarray(next_tokens)
 
