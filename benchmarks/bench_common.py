@@ -155,9 +155,12 @@ def measure_ceilings(tiny: bool) -> dict:
     }
 
 
-def kernel_profile(run, top: int = 25) -> list[dict]:
-    """The ``top`` GPU kernels of one ``run()`` by total device time, from a profiler
-    trace: [{"kernel", "calls", "total_ms", "share"}]; empty off GPU."""
+def kernel_profile(run, top: int | None = 25) -> list[dict]:
+    """The ``top`` GPU kernels (all of them with None) of one ``run()`` by total device
+    time, from a profiler trace: [{"kernel", "calls", "total_ms", "share", "idle_ms"}],
+    ``idle_ms`` being the time the stream sat idle just before that kernel's launches
+    (launch-bound gaps land there); then {"kernel": "ALL", "calls", "total_ms",
+    "idle_ms", "span_ms"}, span being first start to last end. Only the ALL row off GPU."""
     import collections
     import glob
     import gzip
@@ -174,16 +177,42 @@ def kernel_profile(run, top: int = 25) -> list[dict]:
         for e in events
         if e.get("ph") == "M" and e.get("name") in ("process_name", "thread_name")
     }
-    totals, calls = collections.Counter(), collections.Counter()
-    for e in events:
-        if e.get("ph") == "X" and "Stream" in threads.get((e.get("pid"), e.get("tid")), ""):
-            totals[e["name"][:80]] += e["dur"]
-            calls[e["name"][:80]] += 1
+    kernels = sorted(
+        (
+            e
+            for e in events
+            if e.get("ph") == "X" and "Stream" in threads.get((e.get("pid"), e.get("tid")), "")
+        ),
+        key=lambda e: e["ts"],
+    )
+    totals, calls, idle = collections.Counter(), collections.Counter(), collections.Counter()
+    end = kernels[0]["ts"] if kernels else 0.0
+    for e in kernels:
+        name = e["name"][:80]
+        totals[name] += e["dur"]
+        calls[name] += 1
+        idle[name] += max(0.0, e["ts"] - end)
+        end = max(end, e["ts"] + e["dur"])
     everything = sum(totals.values()) or 1
+    span = end - kernels[0]["ts"] if kernels else 0.0
     return [
-        {"kernel": k, "calls": calls[k], "total_ms": v / 1e3, "share": v / everything}
+        {
+            "kernel": k,
+            "calls": calls[k],
+            "total_ms": v / 1e3,
+            "share": v / everything,
+            "idle_ms": idle[k] / 1e3,
+        }
         for k, v in totals.most_common(top)
-    ] + [{"kernel": "ALL", "calls": sum(calls.values()), "total_ms": everything / 1e3}]
+    ] + [
+        {
+            "kernel": "ALL",
+            "calls": sum(calls.values()),
+            "total_ms": everything / 1e3,
+            "idle_ms": sum(idle.values()) / 1e3,
+            "span_ms": span / 1e3,
+        }
+    ]
 
 
 def peak_memory_gib() -> float | None:

@@ -11,11 +11,14 @@ decode; per variant it reports, per decode step of ``B`` rows:
   the sync on the next tokens and the bookkeeping included);
 * ``device``: median wall time of the jitted serving step alone on one packed decode batch,
   ``--iters`` calls back to back with one sync at the end (dispatch and the engine's read
-  of its serving leaves included, no other host work between steps);
+  of its serving leaves included, no other host work between steps), and ``dispatch``,
+  the host's share of it: the time those calls take to return before the sync;
 * ``kernels``: the GPU kernels' summed time per step from a profiler trace of those calls
   (a traced run launches kernel by kernel, without command buffers), their number, and
-  the top kernels (calls per step, ms per step; ``--top`` of them in the JSON row, 12
-  printed). ``--hlo-dir`` also writes each variant's compiled step (HLO text, gzipped), to
+  the top kernels (calls per step, ms per step, and the time the stream sat idle before
+  them; ``--top`` of them by time and by idle time in the JSON row, 12 printed); ``traced_idle`` and
+  ``traced_span`` are the stream's idle time and first-to-last span per step in that
+  trace. ``--hlo-dir`` also writes each variant's compiled step (HLO text, gzipped), to
   read what a kernel of the trace computes.
 
 Variants: ``base`` (no adapter tables), then the model with 64-slot rank-8 tables (all seven
@@ -92,8 +95,10 @@ def next_batch(engine: Engine) -> ServeBatch:
 
 def device_steps(engine: Engine, iters: int, repeats: int):
     """(median seconds per step of ``iters`` back-to-back serving steps on one decode batch,
-    a function running ``iters`` of them): the next decode step's batch, re-run; each call
-    rewrites the same cache rows. The engine is not stepped afterwards."""
+    median seconds per step the host takes to dispatch them, a function running ``iters``
+    of them): the next decode step's batch, re-run; each call rewrites the same cache rows.
+    Dispatch time near the step time means the host, not the GPU, sets the pace. The
+    engine is not stepped afterwards."""
     batch = next_batch(engine)
 
     def run():
@@ -105,12 +110,19 @@ def device_steps(engine: Engine, iters: int, repeats: int):
         return tokens
 
     jax.block_until_ready(run())
-    times = []
+    times, dispatches = [], []
     for _ in range(repeats):
         start = time.perf_counter()
-        jax.block_until_ready(run())
+        tokens = run()
+        dispatches.append((time.perf_counter() - start) / iters)
+        jax.block_until_ready(tokens)
         times.append((time.perf_counter() - start) / iters)
-    return statistics.median(times), run
+    return statistics.median(times), statistics.median(dispatches), run
+
+
+def per_step(kernels: list[dict], iters: int) -> list[dict]:
+    """Profile rows of ``iters`` steps, per step."""
+    return [dict(k, **{f: k[f] / iters for f in ("calls", "total_ms", "idle_ms")}) for k in kernels]
 
 
 def write_hlo(engine: Engine, path: pathlib.Path) -> None:
@@ -167,11 +179,10 @@ def main(argv=None):
         engine_steps(engine, 2)  # compiles the decode bucket (prefill shares it)
         warm_s = time.perf_counter() - start
         engine_s = engine_steps(engine, args.steps)
-        device_s, run = device_steps(engine, args.iters, args.repeats)
-        kernels = kernel_profile(run, top=args.top)
+        device_s, dispatch_s, run = device_steps(engine, args.iters, args.repeats)
+        *kernels, every = kernel_profile(run, top=None)
         if args.hlo_dir:
             write_hlo(engine, pathlib.Path(args.hlo_dir) / f"{variant}_{path or 'base'}.hlo.gz")
-        total_ms = kernels[-1]["total_ms"] / args.iters
         row = rows.add(
             variant=variant,
             path=path,
@@ -180,17 +191,24 @@ def main(argv=None):
             warmup_s=warm_s,
             engine_step_ms=engine_s * 1e3,
             device_step_ms=device_s * 1e3,
-            kernels_ms=total_ms,
-            kernels_per_step=kernels[-1]["calls"] / args.iters,
+            dispatch_ms=dispatch_s * 1e3,
+            kernels_ms=every["total_ms"] / args.iters,
+            kernels_per_step=every["calls"] / args.iters,
+            traced_idle_ms=every["idle_ms"] / args.iters,
+            traced_span_ms=every["span_ms"] / args.iters,
             floor_step_ms=floor_ms,
-            top_kernels=[
-                dict(k, calls=k["calls"] / args.iters, total_ms=k["total_ms"] / args.iters)
-                for k in kernels[:-1]
-            ],
+            top_kernels=per_step(kernels[: args.top], args.iters),
+            top_idle_kernels=per_step(
+                sorted(kernels, key=lambda k: -k["idle_ms"])[: args.top], args.iters
+            ),
         )
-        print(f"--- {variant} {path or ''}: top kernels per step", flush=True)
-        for k in row["top_kernels"][:12]:
-            print(f"    {k['kernel'][:70]:70s} x{k['calls']:6.1f} {k['total_ms']:8.3f} ms")
+        for key in ("top_kernels", "top_idle_kernels"):
+            print(f"--- {variant} {path or ''}: {key.replace('_', ' ')} per step", flush=True)
+            for k in row[key][:12]:
+                print(
+                    f"    {k['kernel'][:60]:60s} x{k['calls']:6.1f} {k['total_ms']:8.3f} ms"
+                    f"  idle before {k['idle_ms']:7.3f} ms"
+                )
     rows.table(
         [
             "variant",
@@ -198,8 +216,11 @@ def main(argv=None):
             "batch",
             "engine_step_ms",
             "device_step_ms",
+            "dispatch_ms",
             "kernels_ms",
             "kernels_per_step",
+            "traced_idle_ms",
+            "traced_span_ms",
             "floor_step_ms",
             "warmup_s",
         ]
