@@ -13,7 +13,8 @@ steps the engine until there is something to return. Requests are checked at sub
 rejected one raises and leaves the engine as it was.
 
 Each step runs at the smallest of ``EngineConfig.token_buckets`` that holds its scheduled
-tokens (one compiled step per bucket), so decode steps need not pay for a full prefill
+tokens (one compiled step per bucket, and per set of sampler stages its requests need:
+``loqjax.sampling.SamplingStages``), so decode steps need not pay for a full prefill
 batch. ``loqjax.runtime.Runtime`` is an engine whose steps also fine-tune adapters.
 """
 
@@ -48,9 +49,9 @@ from loqjax.request import (
     RequestOutput,
     StreamEvent,
 )
-from loqjax.sampling import SamplingParams
+from loqjax.sampling import ARGMAX_ONLY, SamplingParams, SamplingStages
 from loqjax.scheduler import Chunk, EngineConfig, Scheduler, SequenceState
-from loqjax.serve_step import ServeBatch, serve_step
+from loqjax.serve_step import ServeBatch, ServeRows, serve_step
 from loqjax.tokenization import Prompt, TextStream, encode_prompt, load_tokenizer
 
 
@@ -357,6 +358,23 @@ class Engine:
         self._scheduler.add(seq)
         return RequestHandle(self, request)
 
+    def warmup(self, sampling: Sequence[SamplingParams] = ()) -> None:
+        """Compiles every step variant on empty batches (the serving step at each token
+        bucket; a ``Runtime``'s unified step too), which change no cache entry, weight or
+        optimizer state, so that later steps run warm from the first.
+
+        Args:
+          sampling: the sampling parameters traffic will use besides greedy. The
+            sampler's stages are static (``SamplingStages``): a step variant is compiled
+            for every mix of requests with these parameters.
+        """
+        for stages in SamplingStages.combinations(sampling):
+            self._warm_variant(stages)
+
+    def _warm_variant(self, sampling_stages: SamplingStages) -> None:
+        for bucket in self.config.token_buckets:
+            self._serve(ScheduledStep((), ()), bucket, sampling_stages)
+
     def step(self) -> bool:
         """Runs one step for every scheduled request; False if there was nothing to do."""
         scheduled = self._schedule()
@@ -406,22 +424,33 @@ class Engine:
         """The smallest token bucket that holds ``num_tokens``."""
         return min(b for b in self.config.token_buckets if b >= num_tokens)
 
-    def _batch(self, scheduled: ScheduledStep, bucket: int | None = None) -> ServeBatch:
+    def _batch(
+        self,
+        scheduled: ScheduledStep,
+        bucket: int | None = None,
+        sampling_stages: SamplingStages = ARGMAX_ONLY,
+    ) -> ServeBatch:
         """The device batch of a serving-only step at ``bucket`` rows (default the
-        smallest that holds the chunks)."""
-        return ServeBatch.pack(
+        smallest that holds the chunks), running at least ``sampling_stages``."""
+        rows = ServeRows.pack(
             scheduled.chunks,
             scheduled.adapter_slots,
             self.config,
             self.model_config.vocab_size,
             num_rows=bucket or self._bucket(scheduled.num_tokens),
-            placement=self._placement,
+            sampling_stages=sampling_stages,
         )
+        return ServeBatch.of(rows, self._placement)
 
-    def _serve(self, scheduled: ScheduledStep, bucket: int | None = None) -> np.ndarray:
-        """Runs a serving-only step at ``bucket`` rows (default the smallest that holds
-        the chunks); int32 [S] next token of every row."""
-        batch = self._batch(scheduled, bucket)
+    def _serve(
+        self,
+        scheduled: ScheduledStep,
+        bucket: int | None = None,
+        sampling_stages: SamplingStages = ARGMAX_ONLY,
+    ) -> np.ndarray:
+        """Runs a serving-only step (arguments as for ``_batch``); int32 [S] next token of
+        every row."""
+        batch = self._batch(scheduled, bucket, sampling_stages)
         next_tokens, self._cache = self._serve_step(self._serving_leaves(), self._cache, batch)
         return np.asarray(next_tokens)
 

@@ -12,7 +12,8 @@ fine-tune adapters. Before each step the ``StepPolicy`` decides whether it train
 * a serving step is the engine's step, at its token buckets.
 
 With no request in flight a training step is the same unified step, its serving rows
-padding: one compiled training step in all.
+padding: one compiled training step in all (per set of sampler stages of its serving
+rows, ``loqjax.sampling.SamplingStages``; ``Runtime.warmup`` compiles them up front).
 
 A training step is much slower than a decode step, so the policy runs one only when every
 request in flight can afford it against its TTFT/TPOT deadline (decode steps bank slack,
@@ -65,6 +66,7 @@ from loqjax.metrics import BASE, Metrics, RequestRecord
 from loqjax.model import CausalLM
 from loqjax.optim import SlotOptimizer, slot_finite
 from loqjax.registry import AdapterRegistry
+from loqjax.sampling import ARGMAX_ONLY, SamplingStages
 from loqjax.scheduler import EngineConfig
 from loqjax.serve_step import ServeRows, serve_step
 from loqjax.slo_scheduler import SloTargets, StepPolicy
@@ -433,15 +435,12 @@ class Runtime(Engine):
             if not self.step():
                 return
 
-    def warmup(self) -> None:
-        """Compiles every step variant (serving buckets, unified) on empty batches, which
-        change no weight, optimizer state or cache entry; later steps then run warm from
-        the first, and the policy's step-time prediction too."""
-        nothing = ScheduledStep((), ())
-        for bucket in self.config.token_buckets:
-            self._serve(nothing, bucket)
-        jax.block_until_ready(self._run_unified([], self._serve_rows(nothing)).loss)
-        self._ran.add("unified")
+    def _warm_variant(self, sampling_stages: SamplingStages) -> None:
+        # The unified step too, and the policy's step-time prediction is warm from the first.
+        super()._warm_variant(sampling_stages)
+        out = self._run_unified([], self._serve_rows(ScheduledStep((), ()), sampling_stages))
+        jax.block_until_ready(out.loss)
+        self._ran.add(("unified", sampling_stages))
 
     def step(self) -> bool:
         """One step; False when there was nothing to do."""
@@ -451,11 +450,12 @@ class Runtime(Engine):
         if active and self._wants_training(start):
             scheduled = self._schedule(self.runtime_config.serve_rows)
             train, rows = self._pack_training(active, self.runtime_config.train_rows)
+        stages = None  # the sampler stages of a unified step, part of its variant
         if train:
             kind = "unified"
-            out = self._run_unified(
-                train, self._serve_rows(scheduled or ScheduledStep((), ())), active
-            )
+            serve = self._serve_rows(scheduled or ScheduledStep((), ()))
+            stages = serve.sampling.stages
+            out = self._run_unified(train, serve, active)
             next_tokens, loss, num_tokens, updated, nonfinite = jax.device_get(
                 (out.next_tokens, out.loss, out.num_tokens, out.updated, out.nonfinite)
             )
@@ -474,7 +474,7 @@ class Runtime(Engine):
             next_tokens = self._serve(scheduled)
         generated = {} if scheduled is None else self._commit(scheduled, next_tokens)
         end = self.clock()
-        self._time(kind, end - start, bool(active))
+        self._time((kind, stages), end - start, bool(active))
         self.metrics.step(start, end, generated, {n: r for n, r in rows.items() if r})
         return True
 
@@ -484,13 +484,16 @@ class Runtime(Engine):
         predicted = self._unified_seconds if deadlines else None
         return self.policy.train_now(deadlines, now, predicted, share)
 
-    def _serve_rows(self, scheduled: ScheduledStep) -> ServeRows:
+    def _serve_rows(
+        self, scheduled: ScheduledStep, sampling_stages: SamplingStages = ARGMAX_ONLY
+    ) -> ServeRows:
         return ServeRows.pack(
             scheduled.chunks,
             scheduled.adapter_slots,
             self.config,
             self.model_config.vocab_size,
             num_rows=self.runtime_config.serve_rows,
+            sampling_stages=sampling_stages,
         )
 
     def _run_unified(
@@ -524,13 +527,15 @@ class Runtime(Engine):
         self._train_leaves = Leaves(self._train_leaves.treedef, train)
         return out
 
-    def _time(self, kind: str, seconds: float, jobs_active: bool) -> None:
+    def _time(self, variant: tuple, seconds: float, jobs_active: bool) -> None:
         """Step-time bookkeeping for the policy: the moving average of warm unified steps
-        and fine-tuning's share of step time."""
-        if kind == "unified" and "unified" in self._ran:
+        and fine-tuning's share of step time. ``variant`` is (kind, its static parts): a
+        variant's first step compiles it, which the average must not see."""
+        kind = variant[0]
+        if kind == "unified" and variant in self._ran:
             previous = self._unified_seconds
             self._unified_seconds = seconds if previous is None else 0.7 * previous + 0.3 * seconds
-        self._ran.add(kind)
+        self._ran.add(variant)
         if jobs_active:
             self._active_seconds += seconds
             self._train_seconds += seconds if kind != "serve" else 0.0

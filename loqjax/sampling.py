@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -99,6 +100,43 @@ def _is_number(x) -> bool:
     return real and math.isfinite(x)
 
 
+class SamplingStages(NamedTuple):
+    """Which stages of the sampler a batch runs, each one over the whole [S, V] logits:
+    the repetition penalty's scatter, top-k/top-p's sort over the vocabulary, and the
+    random draw. The host knows them from the requests' parameters, so they are static:
+    a device-side ``lax.cond`` would make every step wait on the host (a GPU conditional
+    reads its predicate back), and an all-greedy step costs one argmax."""
+
+    penalize: bool = False
+    truncate: bool = False
+    draw: bool = False
+
+    @classmethod
+    def of(cls, params: Sequence[SamplingParams]) -> SamplingStages:
+        """The stages a batch of requests with these parameters needs."""
+        return cls(
+            penalize=any(p.repetition_penalty != 1.0 for p in params),
+            truncate=any(p.top_k > 0 or p.top_p < 1.0 for p in params),
+            draw=any(p.temperature > 0 for p in params),
+        )
+
+    def __or__(self, other: SamplingStages) -> SamplingStages:
+        return SamplingStages(*(a or b for a, b in zip(self, other, strict=True)))
+
+    @classmethod
+    def combinations(cls, params: Sequence[SamplingParams]) -> set[SamplingStages]:
+        """Every stages a step can need when it mixes requests with any of these
+        parameters (and greedy ones): the unions of their stages."""
+        found = {ARGMAX_ONLY}
+        for p in params:
+            found |= {stages | cls.of([p]) for stages in found}
+        return found
+
+
+# The stages of an all-greedy batch: none, one argmax.
+ARGMAX_ONLY = SamplingStages()
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class SamplingBatch:
@@ -110,6 +148,7 @@ class SamplingBatch:
       seeds: uint32 [S]; steps: int32 [S], the index of the token each row generates.
       seen: int32 [S, C], ids that get the repetition penalty, padded with the
         out-of-range id ``vocab_size``.
+      stages: static, the sampler stages the rows need (at least).
     """
 
     temperature: jax.Array
@@ -119,6 +158,7 @@ class SamplingBatch:
     seeds: jax.Array
     steps: jax.Array
     seen: jax.Array
+    stages: SamplingStages = dataclasses.field(default=SamplingStages(), metadata=dict(static=True))
 
     @classmethod
     def pack(cls, *args, **kwargs) -> SamplingBatch:
@@ -162,46 +202,51 @@ class SamplingBatch:
         for row, (p, ids) in enumerate(zip(params, seen, strict=True)):
             if p.repetition_penalty != 1.0:
                 seen_rows[row, : len(ids)] = ids
-        return cls(temperature, top_k, top_p, penalty, seed_rows, step_rows, seen_rows)
+        return cls(
+            temperature,
+            top_k,
+            top_p,
+            penalty,
+            seed_rows,
+            step_rows,
+            seen_rows,
+            SamplingStages.of(params),
+        )
+
+    def with_stages(self, stages: SamplingStages) -> SamplingBatch:
+        """This batch running at least ``stages`` too: the rows sample the same, the step
+        is the variant compiled for the union (a warm-up compiles variants this way)."""
+        return dataclasses.replace(self, stages=self.stages | stages)
 
 
 def sample(logits: jax.Array, batch: SamplingBatch) -> jax.Array:
     """Next token of every row: float32 logits [S, V] -> int32 [S].
 
-    Each stage over the whole [S, V] logits (the repetition penalty's scatter, top-k/top-p's
-    sort over the vocabulary, the random draw) runs only if some row asks for it: an
-    all-greedy batch costs one argmax.
+    Runs only the stages in ``batch.stages``: an all-greedy batch costs one argmax.
     """
     logits = warp_logits(logits, batch)
     # Warping keeps the most likely token on top, so greedy rows take the argmax here.
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-
-    def draw(logits):
-        keys = jax.vmap(lambda seed, step: jax.random.fold_in(jax.random.key(seed), step))(
-            batch.seeds, batch.steps
-        )
-        sampled = jax.vmap(jax.random.categorical)(keys, logits).astype(jnp.int32)
-        return jnp.where(batch.temperature > 0, sampled, greedy)
-
-    return jax.lax.cond(jnp.any(batch.temperature > 0), draw, lambda _: greedy, logits)
+    if not batch.stages.draw:
+        return greedy
+    keys = jax.vmap(lambda seed, step: jax.random.fold_in(jax.random.key(seed), step))(
+        batch.seeds, batch.steps
+    )
+    sampled = jax.vmap(jax.random.categorical)(keys, logits).astype(jnp.int32)
+    return jnp.where(batch.temperature > 0, sampled, greedy)
 
 
 def warp_logits(logits: jax.Array, batch: SamplingBatch) -> jax.Array:
     """The logits each row samples from, float32 [S, V]: repetition penalty, temperature
-    (1 for greedy rows), then top-k and top-p, with -inf outside the kept tokens."""
-    logits = jax.lax.cond(
-        jnp.any(batch.repetition_penalty != 1.0),
-        lambda x: _penalize_repeats(x, batch.seen, batch.repetition_penalty),
-        lambda x: x,
-        logits,
-    )
-    temperature = jnp.where(batch.temperature > 0, batch.temperature, 1.0)
-    return jax.lax.cond(
-        jnp.any((batch.top_k > 0) | (batch.top_p < 1.0)),
-        lambda x: _top_k_top_p(x, batch.top_k, batch.top_p),
-        lambda x: x,
-        logits / temperature[:, None],
-    )
+    (1 for greedy rows), then top-k and top-p, with -inf outside the kept tokens (the
+    stages ``batch.stages`` leaves out are identities for its rows)."""
+    if batch.stages.penalize:
+        logits = _penalize_repeats(logits, batch.seen, batch.repetition_penalty)
+    if batch.stages.draw:
+        logits = logits / jnp.where(batch.temperature > 0, batch.temperature, 1.0)[:, None]
+    if batch.stages.truncate:
+        logits = _top_k_top_p(logits, batch.top_k, batch.top_p)
+    return logits
 
 
 def _penalize_repeats(logits: jax.Array, seen: jax.Array, penalty: jax.Array) -> jax.Array:

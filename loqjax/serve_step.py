@@ -2,7 +2,9 @@
 tokens, writing the paged KV cache and sampling each sequence's next token.
 
 All shapes are static (``EngineConfig``'s T, S, M and the pool), and lengths, positions,
-pages, adapters and sampling parameters travel as metadata, so the step compiles once.
+pages, adapters and sampling parameters travel as metadata, so the step compiles once per
+set of sampler stages the requests need (``SamplingStages``: greedy alone, or with the
+repetition penalty, top-k/top-p, a draw).
 Sequence s of a step is segment s of the packed tokens, LoRA segment s and row s of the
 page tables, the logit rows and the sampling parameters.
 """
@@ -23,7 +25,7 @@ from loqjax import sharding
 from loqjax.kv_cache import KVCache, PageBatch, page_slots
 from loqjax.leaves import with_leaves
 from loqjax.lora import LoraBatch
-from loqjax.sampling import SamplingBatch, sample
+from loqjax.sampling import ARGMAX_ONLY, SamplingBatch, SamplingStages, sample
 from loqjax.scheduler import Chunk, EngineConfig
 
 
@@ -59,6 +61,7 @@ class ServeRows(NamedTuple):
         config: EngineConfig,
         vocab_size: int,
         num_rows: int | None = None,
+        sampling_stages: SamplingStages = ARGMAX_ONLY,
     ) -> ServeRows:
         """Packs the scheduled chunks.
 
@@ -68,6 +71,8 @@ class ServeRows(NamedTuple):
           config: the static sizes.
           vocab_size: the out-of-range id that pads the repetition-penalty ids.
           num_rows: static T; default ``config.token_capacity``.
+          sampling_stages: sampler stages to run besides those the chunks' requests need
+            (a warm-up compiles a step variant on no chunks this way).
         """
         t, s = num_rows or config.token_capacity, config.max_seqs
         tokens = np.zeros(t, np.int32)
@@ -105,7 +110,7 @@ class ServeRows(NamedTuple):
             logit_rows,
             [chunk.length for chunk in chunks],
             list(adapter_slots),
-            sampling,
+            sampling.with_stages(sampling_stages),
         )
 
 
@@ -132,19 +137,10 @@ class ServeBatch:
     sampling: SamplingBatch
 
     @classmethod
-    def pack(
-        cls,
-        chunks: Sequence[Chunk],
-        adapter_slots: Sequence[int],
-        config: EngineConfig,
-        vocab_size: int,
-        num_rows: int | None = None,
-        placement: jax.sharding.Sharding | None = None,
-    ) -> ServeBatch:
-        """The device batch of ``ServeRows.pack`` (same arguments), put on ``placement``
-        (default the default device; on a mesh, ``loqjax.sharding.replicated``)."""
-        rows = ServeRows.pack(chunks, adapter_slots, config, vocab_size, num_rows)
-        lora = LoraBatch.pack_host(rows.lengths, rows.adapter_slots, config.max_seqs)
+    def of(cls, rows: ServeRows, placement: jax.sharding.Sharding | None = None) -> ServeBatch:
+        """The device batch of packed rows, put on ``placement`` (default the default
+        device; on a mesh, ``loqjax.sharding.replicated``)."""
+        lora = LoraBatch.pack_host(rows.lengths, rows.adapter_slots, len(rows.logit_rows))
         # One transfer for the whole batch: per-array transfers cost host time per step.
         return jax.device_put(
             cls(

@@ -534,7 +534,7 @@ def make_unified_step(
 ) -> Callable[..., tuple[TrainState, KVCache | None, StepOutput]]:
     """``unified_step`` jitted as ``step(frozen, state, batch, cache=None) -> (state,
     cache, out)``, with ``state`` and ``cache`` donated. It compiles once per batch
-    capacity (and once more with a cache).
+    capacity (and once more with a cache, per set of the serving rows' sampler stages).
 
     With ``leaves_of = (frozen_def, state_def)``, ``frozen`` and ``state`` are passed, and
     ``state`` returned, as their leaves (lists of arrays of these structures): a step

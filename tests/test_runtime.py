@@ -103,6 +103,24 @@ def test_adapter_served_mid_training_and_after(trained):
     assert np.any(runtime.registry.export("upper").weights[0, "q_proj"][1] != 0)
 
 
+def test_warmup_compiles_the_sampled_variants(trained):
+    """The sampler's stages are static: ``warmup(sampling=...)`` compiles the serving and
+    unified variants a sampled request needs, and serving one then compiles nothing."""
+    runtime, *_ = trained
+
+    def sizes():  # compiled variants of the serving and the unified step
+        return runtime._serve_step._cache_size(), runtime._step._cache_size()
+
+    before = sizes()
+    sampled = SamplingParams(temperature=0.8, top_p=0.9, max_tokens=2)
+    runtime.warmup(sampling=[sampled])
+    warm = sizes()
+    assert warm[0] > before[0] and warm[1] > before[1]
+    for params in (sampled, greedy(2)):
+        assert len(runtime.submit("copy: abc =>", sampling=params).result().token_ids) == 2
+    assert sizes() == warm
+
+
 def test_dataset_errors_name_the_line(tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": "a"}\n')

@@ -1,6 +1,8 @@
 """The sampler: logits processing as in transformers, frequencies, per-request keys, and
 parameter checks."""
 
+import itertools
+
 import jax
 import numpy as np
 import pytest
@@ -13,7 +15,9 @@ from transformers import (
 )
 
 from loqjax.request import InvalidSamplingParamsError
-from loqjax.sampling import SamplingBatch, SamplingParams, sample, warp_logits
+from loqjax.sampling import SamplingBatch, SamplingParams, SamplingStages, sample, warp_logits
+
+from jaxpr_walk import host_synced
 
 VOCAB = 50
 
@@ -105,6 +109,49 @@ def test_a_draw_depends_on_seed_and_step_only():
     np.testing.assert_array_equal(
         np.asarray(sample_jit(np.tile(logits[:1], (12, 1)), shuffled))[:8], tokens[order]
     )
+
+
+# --- the sampler's static stages -----------------------------------------------------
+
+PENALTY = SamplingParams(temperature=0.0, repetition_penalty=1.3)
+NUCLEUS = SamplingParams(temperature=0.8, top_p=0.9)
+
+
+def test_stages_follow_the_parameters():
+    assert SamplingStages.of([]) == SamplingStages.of([SamplingParams(temperature=0.0)])
+    assert SamplingStages.of([]) == SamplingStages()
+    assert SamplingStages.of([PENALTY]) == SamplingStages(penalize=True)
+    assert SamplingStages.of([NUCLEUS]) == SamplingStages(truncate=True, draw=True)
+    assert SamplingStages.of([SamplingParams(temperature=0.0, top_k=3)]).truncate
+    assert SamplingStages.combinations([PENALTY, NUCLEUS, NUCLEUS]) == {
+        SamplingStages(),
+        SamplingStages(penalize=True),
+        SamplingStages(truncate=True, draw=True),
+        SamplingStages(penalize=True, truncate=True, draw=True),
+    }
+    # Filler rows are greedy: a batch has the stages of its requests.
+    assert _batch([PENALTY], num_rows=4).stages == SamplingStages(penalize=True)
+
+
+@pytest.mark.parametrize("stages", list(itertools.product([False, True], repeat=3)))
+def test_no_stage_waits_on_the_host(stages):
+    """The stages are Python branches, not device conditionals (``jaxpr_walk``)."""
+    batch = _batch([PENALTY, NUCLEUS]).with_stages(SamplingStages(*stages))
+    logits = np.zeros((2, VOCAB), np.float32)
+    assert host_synced(jax.make_jaxpr(sample_jit)(logits, batch).jaxpr) == []
+
+
+def test_extra_stages_sample_the_same():
+    """A stage that no row needs is an identity on its rows (a warm-up runs batches with
+    more stages than their rows need)."""
+    logits = np.random.default_rng(2).normal(0, 2, (4, VOCAB)).astype(np.float32)
+    seen = [[1, 2], [3], [], []]
+    every = SamplingStages(penalize=True, truncate=True, draw=True)
+    for params in ([PENALTY, PENALTY], [NUCLEUS, NUCLEUS]):
+        batch = _batch(params, seeds=[3, 4], seen=seen[:2], num_rows=4)
+        np.testing.assert_array_equal(
+            sample_jit(logits, batch.with_stages(every)), sample_jit(logits, batch)
+        )
 
 
 @pytest.mark.parametrize(

@@ -25,7 +25,7 @@ from loqjax import AdapterRegistry, LoraBatch, add_lora_tables, load_model, load
 from loqjax import split_forward as split_forward_module
 from loqjax.kv_cache import init_kv_cache
 from loqjax.optim import SlotOptimizer, adamw
-from loqjax.sampling import SamplingParams
+from loqjax.sampling import SamplingParams, SamplingStages
 from loqjax.scheduler import EngineConfig, Scheduler, SequenceState
 from loqjax.serve_step import ServeRows
 from loqjax.unified import (
@@ -39,6 +39,7 @@ from loqjax.unified import (
 )
 
 from hf_reference import LORA_MAX_RANK, LORA_NUM_SLOTS, PEFT_ADAPTERS, pack, rel_err
+from jaxpr_walk import equations, host_synced
 
 ARCH = "llama2"
 SLOT = {name: slot for slot, name in enumerate(PEFT_ADAPTERS)}  # registry load order
@@ -464,15 +465,14 @@ def test_one_compile_for_every_layout(setup):
 def _dots_on_serving_rows(jaxpr: jax_core.Jaxpr) -> int:
     """Matmuls (outside Pallas kernels) with an operand dimension of all rows or of the
     serving rows, in ``jaxpr`` and every jaxpr nested in it."""
-    count = 0
-    for eqn in jaxpr.eqns:
-        if eqn.primitive.name == "pallas_call":
-            continue
-        if eqn.primitive.name == "dot_general":
-            dims = {d for var in eqn.invars for d in var.aval.shape}
-            count += bool(dims & {TRAIN_ROWS + SERVE_ROWS, SERVE_ROWS})
-        count += sum(_dots_on_serving_rows(sub) for sub in jax_core.jaxprs_in_params(eqn.params))
-    return count
+    return sum(
+        bool(
+            {d for var in eqn.invars for d in var.aval.shape}
+            & {TRAIN_ROWS + SERVE_ROWS, SERVE_ROWS}
+        )
+        for eqn in equations(jaxpr)
+        if eqn.primitive.name == "dot_general"
+    )
 
 
 def _unpruned_split_rows(fn, params, x_train, x_serve, rows=(), consts=(), state=None):
@@ -658,3 +658,25 @@ def test_cached_serving_rows_serve_and_train_like_recomputed_ones(
     )
     ref = np.asarray(ref)[np.cumsum(lengths) - 1]
     assert rel_err(np.asarray(decode.next_logits)[:n], ref) < 1e-5
+
+
+def test_a_sampled_step_never_waits_on_the_host(setup):
+    """Every sampler stage on (penalty, top-k/top-p, the draw), the unified step over
+    cached serving rows has no device-side conditional (see ``jaxpr_walk.host_synced``)."""
+    model = nnx.merge(setup.graphdef, jax.tree.map(jnp.asarray, setup.host_params), setup.frozen)
+    cache = init_kv_cache(model.config, CACHE.num_pages, CACHE.page_size, jnp.float32)
+    scheduler = Scheduler(CACHE)
+    params = SamplingParams(temperature=0.7, top_k=5, top_p=0.9, repetition_penalty=1.2)
+    scheduler.add(SequenceState(0, [1, 2, 3], 3, None, params, 0))
+    chunks = scheduler.schedule()
+    rows = ServeRows.pack(chunks, [-1], CACHE, setup.vocab_size)
+    assert rows.sampling.stages == SamplingStages(penalize=True, truncate=True, draw=True)
+    batch = UnifiedBatch.pack_cached(
+        [_train(setup, "qv", 5, 1, seed=80)],
+        rows,
+        num_train_rows=TRAIN_ROWS,
+        max_train_seqs=MAX_TRAIN_SEQS,
+        num_slots=LORA_NUM_SLOTS,
+    )
+    jaxpr = jax.make_jaxpr(setup.step)(setup.frozen, setup.fresh_state(), batch, cache)
+    assert host_synced(jaxpr.jaxpr) == []
