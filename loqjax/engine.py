@@ -26,6 +26,7 @@ import itertools
 import os
 import time
 from collections.abc import Callable, Iterator, Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -51,8 +52,11 @@ from loqjax.request import (
 )
 from loqjax.sampling import ARGMAX_ONLY, SamplingParams, SamplingStages
 from loqjax.scheduler import Chunk, EngineConfig, Scheduler, SequenceState
-from loqjax.serve_step import ServeBatch, ServeRows, serve_step
+from loqjax.serve_step import PendingTokens, ServeBatch, ServeRows, serve_step
 from loqjax.tokenization import Prompt, TextStream, encode_prompt, load_tokenizer
+
+# The id of a token that a step in flight has sampled and the host has not read back yet.
+PENDING = -1
 
 
 @dataclasses.dataclass
@@ -91,11 +95,16 @@ class _Request:
         self.events: collections.deque[StreamEvent] = collections.deque()
         self.finish_reason: FinishReason | None = None
 
-    def add_token(self, token_id: int, now: float) -> FinishReason | None:
-        """Appends a sampled token and its stream event; returns why the request is done,
-        or None if it goes on."""
+    def take_token(self, index: int, token_id: int, now: float) -> FinishReason | None:
+        """Puts a sampled token at ``index`` of the sequence's ids (its placeholder, or
+        appended) and its stream event; returns why the request is done, or None if it
+        goes on."""
         seq = self.seq
-        seq.token_ids.append(token_id)
+        if index < len(seq.token_ids):
+            assert seq.token_ids[index] == PENDING, (index, seq.token_ids[index])
+            seq.token_ids[index] = token_id
+        else:
+            seq.token_ids.append(token_id)
         self.token_times.append(now)
         reason, text = None, ""
         if token_id in self.stop_ids:
@@ -103,21 +112,27 @@ class _Request:
         elif self.text is not None:
             text = self.text.add(token_id)
             reason = "stop" if self.text.stopped else None
-        if reason is None and (
-            seq.num_generated >= seq.params.max_tokens or len(seq.token_ids) >= self.max_seq_len
-        ):
+        if reason is None and self.is_last(index):
             reason = "length"
         if reason is not None and self.text is not None:
             text += self.text.finish()
         self.events.append(StreamEvent(token_id, text))
         return reason
 
+    def is_last(self, index: int) -> bool:
+        """Whether a token at ``index`` of the ids reaches ``max_tokens`` or the context."""
+        seq = self.seq
+        return index + 1 - seq.prompt_len >= seq.params.max_tokens or index + 1 >= self.max_seq_len
+
     def output(self) -> RequestOutput:
         seq = self.seq
+        known = len(seq.token_ids)
+        while seq.token_ids[known - 1] == PENDING:  # sampled by a step in flight
+            known -= 1
         return RequestOutput(
             request_id=seq.request_id,
             prompt_token_ids=tuple(seq.token_ids[: seq.prompt_len]),
-            token_ids=tuple(seq.token_ids[seq.prompt_len :]),
+            token_ids=tuple(seq.token_ids[seq.prompt_len : known]),
             text=None if self.text is None else self.text.text,
             finish_reason=self.finish_reason,
             arrival_time=self.arrival,
@@ -164,6 +179,14 @@ class RequestHandle:
     def cancel(self) -> None:
         """Stops the request and frees its pages; a no-op once it is done."""
         self._engine._finish(self._request, "cancelled")
+
+
+class _InFlight(NamedTuple):
+    """A dispatched serving step whose next tokens have not been read back."""
+
+    scheduled: ScheduledStep
+    next_tokens: jax.Array  # int32 [S], on the device
+    sampled: tuple[tuple[int, SequenceState, int], ...]  # see Engine._begin
 
 
 @dataclasses.dataclass(frozen=True)
@@ -245,6 +268,7 @@ class Engine:
         self._ids = itertools.count()
         self._seeds = np.random.default_rng(seed)
         self._stats = EngineStats()
+        self._in_flight: _InFlight | None = None
 
     @classmethod
     def from_pretrained(
@@ -376,12 +400,68 @@ class Engine:
             self._serve(ScheduledStep((), ()), bucket, sampling_stages)
 
     def step(self) -> bool:
-        """Runs one step for every scheduled request; False if there was nothing to do."""
+        """Dispatches one step for every scheduled request, then reads back the tokens of
+        the step dispatched before it; False if there was nothing to do.
+
+        Steps are pipelined: the host schedules and packs step N + 1 while the device runs
+        step N, and the tokens step N samples reach step N + 1 on the device (see
+        ``PendingTokens``). A request that step N finishes may have a row in step N + 1;
+        it is computed and dropped.
+        """
         scheduled = self._schedule()
-        if scheduled is None:
-            return self._scheduler.has_work
-        self._commit(scheduled, self._serve(scheduled))
-        return True
+        launched = None if scheduled is None else self._launch(scheduled)
+        previous, self._in_flight = self._in_flight, launched
+        if previous is not None:
+            self._commit(previous.scheduled, np.asarray(previous.next_tokens), previous.sampled)
+        return launched is not None or previous is not None or self._scheduler.has_work
+
+    def _launch(self, scheduled: ScheduledStep) -> _InFlight:
+        """Dispatches a serving step, its pending tokens taken from the step in flight."""
+        batch = self._batch(scheduled)
+        if (pending := self._pending(scheduled)) is not None:
+            batch = batch.with_pending(self._in_flight.next_tokens, pending)
+        sampled = self._begin(scheduled)
+        next_tokens, self._cache = self._serve_step(self._serving_leaves(), self._cache, batch)
+        return _InFlight(scheduled, next_tokens, sampled)
+
+    def _pending(self, scheduled: ScheduledStep) -> PendingTokens | None:
+        """Where the step's placeholders get their tokens from the step in flight, or None
+        if it has none."""
+        flight = self._in_flight
+        if flight is None:
+            return None
+        rows = {id(seq): row for row, seq, _ in flight.sampled}
+        s, seen_capacity = self.config.max_seqs, self.config.max_seq_len
+        source = np.full(s, -1, np.int32)
+        token_rows = np.zeros(s, np.int32)
+        seen_cols = np.full(s, seen_capacity, np.int32)
+        offset = 0
+        for row, chunk in enumerate(scheduled.chunks):
+            seq = chunk.seq
+            offset += chunk.length
+            if seq.token_ids[chunk.stop - 1] == PENDING:
+                source[row] = rows[id(seq)]
+                token_rows[row] = offset - 1
+                if seq.params.repetition_penalty != 1.0:
+                    seen_cols[row] = chunk.stop - 1
+        return PendingTokens(source, token_rows, seen_cols) if (source >= 0).any() else None
+
+    def _begin(self, scheduled: ScheduledStep) -> tuple[tuple[int, SequenceState, int], ...]:
+        """Marks a packed step's chunks computed; returns (row, sequence, index) of each
+        token the step samples, index being where it goes in the sequence's ids. A
+        sequence that goes on gets a ``PENDING`` placeholder there, so the next step can
+        be scheduled before this one's tokens are read back."""
+        sampled = []
+        for row, chunk in enumerate(scheduled.chunks):
+            seq = chunk.seq
+            produces = chunk.stop == len(seq.token_ids)  # its last row's logits pick a token
+            seq.num_computed = chunk.stop
+            if produces:
+                index = len(seq.token_ids)
+                if not self._requests[seq.request_id].is_last(index):
+                    seq.token_ids.append(PENDING)
+                sampled.append((row, seq, index))
+        return tuple(sampled)
 
     # --- the parts of a step, shared with the runtime -----------------------------------
 
@@ -447,34 +527,37 @@ class Engine:
         scheduled: ScheduledStep,
         bucket: int | None = None,
         sampling_stages: SamplingStages = ARGMAX_ONLY,
-    ) -> np.ndarray:
-        """Runs a serving-only step (arguments as for ``_batch``); int32 [S] next token of
-        every row."""
+    ) -> tuple[np.ndarray, tuple]:
+        """Runs a serving-only step to the end (arguments as for ``_batch``): int32 [S]
+        next token of every row, and ``_begin``'s sampled tokens for ``_commit``."""
         batch = self._batch(scheduled, bucket, sampling_stages)
+        sampled = self._begin(scheduled)
         next_tokens, self._cache = self._serve_step(self._serving_leaves(), self._cache, batch)
-        return np.asarray(next_tokens)
+        return np.asarray(next_tokens), sampled
 
-    def _commit(self, scheduled: ScheduledStep, next_tokens: np.ndarray) -> dict[str, int]:
-        """Records a step's results: computed tokens and each finished prefix's new token.
+    def _commit(
+        self, scheduled: ScheduledStep, next_tokens: np.ndarray, sampled: tuple
+    ) -> dict[str, int]:
+        """Records a step's results: computed tokens and the tokens ``_begin`` listed
+        (those of requests finished meanwhile are dropped).
 
         Returns:
           Generated tokens per adapter name (``BASE`` for the base model).
         """
         now = self.clock()
         self._stats.steps += 1
+        self._stats.computed_tokens += scheduled.num_tokens
         generated: dict[str, int] = {}
-        for row, chunk in enumerate(scheduled.chunks):
-            seq = chunk.seq
-            seq.num_computed = chunk.stop
-            self._stats.computed_tokens += chunk.length
-            if chunk.stop == len(seq.token_ids):  # its last row's logits pick a new token
-                self._stats.generated_tokens += 1
-                name = BASE if seq.adapter is None else seq.adapter
-                generated[name] = generated.get(name, 0) + 1
-                request = self._requests[seq.request_id]
-                reason = request.add_token(int(next_tokens[row]), now)
-                if reason is not None:
-                    self._finish(request, reason)
+        for row, seq, index in sampled:
+            request = self._requests.get(seq.request_id)
+            if request is None:
+                continue  # finished (or cancelled) while this step was in flight
+            self._stats.generated_tokens += 1
+            name = BASE if seq.adapter is None else seq.adapter
+            generated[name] = generated.get(name, 0) + 1
+            reason = request.take_token(index, int(next_tokens[row]), now)
+            if reason is not None:
+                self._finish(request, reason)
         return generated
 
     def run_until_idle(self) -> None:
@@ -493,6 +576,9 @@ class Engine:
         if request.finish_reason is not None:
             return
         request.finish_reason = reason
+        ids = request.seq.token_ids
+        while ids[-1] == PENDING:  # a token of a step in flight: dropped
+            ids.pop()
         self._scheduler.remove(request.seq)
         del self._requests[request.seq.request_id]
         self._on_finish(request)

@@ -455,6 +455,7 @@ class Runtime(Engine):
             kind = "unified"
             serve = self._serve_rows(scheduled or ScheduledStep((), ()))
             stages = serve.sampling.stages
+            sampled = () if scheduled is None else self._begin(scheduled)
             out = self._run_unified(train, serve, active)
             next_tokens, loss, num_tokens, updated, nonfinite = jax.device_get(
                 (out.next_tokens, out.loss, out.num_tokens, out.updated, out.nonfinite)
@@ -471,8 +472,8 @@ class Runtime(Engine):
             if scheduled is None:
                 return self._scheduler.has_work
             kind = "serve"
-            next_tokens = self._serve(scheduled)
-        generated = {} if scheduled is None else self._commit(scheduled, next_tokens)
+            next_tokens, sampled = self._serve(scheduled)
+        generated = {} if scheduled is None else self._commit(scheduled, next_tokens, sampled)
         end = self.clock()
         self._time((kind, stages), end - start, bool(active))
         self.metrics.step(start, end, generated, {n: r for n, r in rows.items() if r})

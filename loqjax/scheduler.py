@@ -156,6 +156,9 @@ class Scheduler:
         while i < len(self.running):
             seq = self.running[i]
             later = len(self.running) - i - 1
+            if seq.num_computed == len(seq.token_ids):  # its last token is being sampled
+                i += 1
+                continue
             stop = seq.num_computed + min(len(seq.token_ids) - seq.num_computed, budget - later)
             if not self._grow(seq, stop):
                 break  # seq itself was preempted: it was the newest

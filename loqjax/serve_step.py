@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.tree_util import PyTreeDef
@@ -154,6 +155,46 @@ class ServeBatch:
             ),
             placement,
         )
+
+    def with_pending(self, previous: jax.Array, pending: PendingTokens) -> ServeBatch:
+        """This batch with the pending tokens of ``previous`` (the next tokens of the step
+        in flight) in place of their placeholders, on the device."""
+        tokens, seen = _put_pending(self.tokens, self.sampling.seen, previous, pending)
+        sampling = dataclasses.replace(self.sampling, seen=seen)
+        return dataclasses.replace(self, tokens=tokens, sampling=sampling)
+
+
+class PendingTokens(NamedTuple):
+    """The tokens of a step that an earlier step, still in flight, samples: the host packs
+    a placeholder and the device puts the sampled token in (``ServeBatch.with_pending``),
+    so the host can pack step N + 1 while the device runs step N.
+
+    Attributes:
+      source: int32 [S], per sequence row, the row of the earlier step's next tokens
+        that is its last token; -1 if the host knows all its tokens.
+      token_rows: int32 [S], the packed row of that token (its chunk's last row).
+      seen_cols: int32 [S], its column in the sampling rows' ``seen`` ids; C (out of
+        range) for a row without a repetition penalty, which keeps no seen ids.
+    """
+
+    source: np.ndarray
+    token_rows: np.ndarray
+    seen_cols: np.ndarray
+
+
+@jax.jit
+def _put_pending(
+    tokens: jax.Array, seen: jax.Array, previous: jax.Array, pending: PendingTokens
+) -> tuple[jax.Array, jax.Array]:
+    """tokens int32 [T] and seen int32 [S, C] with the pending tokens of ``previous``
+    (int32 [S'], the earlier step's next tokens) written in."""
+    known = pending.source < 0
+    token = previous[jnp.maximum(pending.source, 0)]
+    rows = jnp.where(known, tokens.shape[0], pending.token_rows)
+    tokens = tokens.at[rows].set(token, mode="drop")
+    cols = jnp.where(known, seen.shape[1], pending.seen_cols)
+    seen = seen.at[jnp.arange(seen.shape[0]), cols].set(token, mode="drop")
+    return tokens, seen
 
 
 @functools.cache

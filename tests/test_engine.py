@@ -44,7 +44,9 @@ def _eos_ids(torch_model) -> tuple[int, ...]:
     return () if eos is None else (eos,)
 
 
-def _hf_generate(torch_model, prompt: list[int], max_new_tokens: int) -> list[int]:
+def _hf_generate(
+    torch_model, prompt: list[int], max_new_tokens: int, repetition_penalty: float = 1.0
+) -> list[int]:
     """Greedy continuation by ``generate`` (stopping after the model's EOS id)."""
     with torch.no_grad():
         out = torch_model.generate(
@@ -53,6 +55,7 @@ def _hf_generate(torch_model, prompt: list[int], max_new_tokens: int) -> list[in
             attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
             max_new_tokens=max_new_tokens,
             do_sample=False,
+            repetition_penalty=repetition_penalty,
             pad_token_id=0,
         )
     return out[0, len(prompt) :].tolist()
@@ -101,6 +104,26 @@ def test_greedy_matches_transformers_and_peft(arch, engines, hf_models, peft_ada
     for name in PEFT_ADAPTERS:  # the adapters matter
         assert any(outputs[name, i] != outputs[None, i] for i in range(len(prompts))), name
     assert engine.num_free_pages == CONFIG.num_pages
+
+
+def test_repetition_penalty_sees_the_tokens_of_the_step_in_flight(engines, hf_models):
+    """Steps are pipelined: each decode token reaches the next step's penalized ids on the
+    device (``PendingTokens``), so penalized greedy decoding matches transformers'."""
+    engine, hf = engines["llama2"], hf_models["llama2"]
+    prompts = _prompts(hf.vocab_size, (3, 9, 20), seed=4)
+    penalized = dataclasses.replace(GREEDY, max_tokens=16, repetition_penalty=2.0)
+    handles = [engine.submit(prompt, None, penalized) for prompt in prompts]
+    plain = [
+        engine.submit(prompt, None, dataclasses.replace(penalized, repetition_penalty=1.0))
+        for prompt in prompts
+    ]
+    engine.run_until_idle()
+    outputs = [
+        (h.result().token_ids, p.result().token_ids) for h, p in zip(handles, plain, strict=True)
+    ]
+    for prompt, (tokens, _) in zip(prompts, outputs, strict=True):
+        assert list(tokens) == _hf_generate(hf.torch_model, prompt, 16, repetition_penalty=2.0)
+    assert any(tokens != unpenalized for tokens, unpenalized in outputs)  # the penalty matters
 
 
 def _mixed_requests(vocab_size: int, n: int, seed: int):
@@ -291,10 +314,11 @@ def test_cancellation_frees_pages(engines, hf_models):
     queued.cancel()
     assert engine.num_free_pages == free
     cancelled.cancel()
-    # Its 30 prompt tokens and the first 2 of its 3 generated tokens were cached.
+    # Three steps dispatched (prefill, two decodes; see Engine.step): its 30 prompt tokens
+    # and its first 2 generated tokens were cached, and the 2 read back are its output.
     assert engine.num_free_pages == free + 32 // CONFIG.page_size
     assert cancelled.result().finish_reason == queued.result().finish_reason == "cancelled"
-    assert len(list(cancelled)) == 3 and list(queued) == []
+    assert len(list(cancelled)) == 2 and list(queued) == []
     engine.run_until_idle()
     cancelled.cancel()  # done: a no-op
     assert engine.num_free_pages == CONFIG.num_pages
