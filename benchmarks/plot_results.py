@@ -22,7 +22,7 @@ def rows(name: str) -> list[dict]:
 
 
 def inference() -> Path:
-    ours = [r for r in rows("inference_run4.jsonl") if "decode_tokens_per_s" in r]
+    ours = [r for r in rows("inference_run7_pipelined.jsonl") if "decode_tokens_per_s" in r]
     peft = [r for r in rows("peft.jsonl") if r["benchmark"] == "generate" and r["status"] == "ok"]
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=False)
     for ax, batch in zip(axes, (16, 64), strict=True):
@@ -56,10 +56,10 @@ def inference() -> Path:
 
 
 def finetune() -> Path:
-    # 1 adapter: run 5 (profiled; the step time is the unprofiled one); 4 adapters: run 10.
+    # 1 adapter: run 21 (profiled; the step time is the unprofiled one); 4 adapters: run 10.
     ours = [
         r
-        for name in ("finetune_run2_profile.jsonl", "finetune_run3_4adapters.jsonl")
+        for name in ("finetune_run4_profile.jsonl", "finetune_run3_4adapters.jsonl")
         for r in rows(name)
         if "tokens_per_s" in r
     ]
