@@ -57,7 +57,7 @@ for p in "$@"; do
     finetune4) phase finetune4 330 python3 benchmarks/bench_finetune.py --adapters 4 --out "$OUT/finetune.jsonl" ;;
     inference) phase inference 200 python3 benchmarks/bench_inference.py --out "$OUT/inference.jsonl" ;;
     peft) phase peft 250 python3 benchmarks/bench_peft.py --out "$OUT/peft.jsonl" ;;
-    unified) phase unified 430 python3 benchmarks/bench_unified.py \
+    unified) phase unified 570 python3 benchmarks/bench_unified.py \
       --rates 1 2 4 --duration 20 --drain 25 --alone 8 --out "$OUT/unified.jsonl" ;;
     scaling) phase scaling 570 python3 benchmarks/bench_scaling.py ${SCALING_MESHES:+--meshes $SCALING_MESHES} \
       ${SCALING_CHECK+--check-meshes $SCALING_CHECK} --out "$OUT/scaling.jsonl" ;;
