@@ -22,7 +22,7 @@ import numpy as np
 from flax import nnx
 from jax.tree_util import PyTreeDef
 
-from loqjax import sharding
+from loqjax import sharding, transfer
 from loqjax.kv_cache import KVCache, PageBatch, page_slots
 from loqjax.leaves import with_leaves
 from loqjax.lora import LoraBatch
@@ -142,8 +142,7 @@ class ServeBatch:
         """The device batch of packed rows, put on ``placement`` (default the default
         device; on a mesh, ``loqjax.sharding.replicated``)."""
         lora = LoraBatch.pack_host(rows.lengths, rows.adapter_slots, len(rows.logit_rows))
-        # One transfer for the whole batch: per-array transfers cost host time per step.
-        return jax.device_put(
+        return transfer.put(
             cls(
                 rows.tokens,
                 rows.positions,

@@ -50,7 +50,7 @@ import numpy as np
 from flax import nnx
 from jax.tree_util import PyTreeDef
 
-from loqjax import sharding
+from loqjax import sharding, transfer
 from loqjax.kv_cache import KVCache, PageBatch
 from loqjax.leaves import with_leaves
 from loqjax.lora import LoraBatch, LoraParam
@@ -313,8 +313,7 @@ class _TrainRows(NamedTuple):
         apply = np.ones(num_slots, bool)
         apply[list(accumulate)] = False
         concat = np.concatenate
-        # One transfer for the whole batch: per-array transfers cost host time per step.
-        return jax.device_put(
+        return transfer.put(
             UnifiedBatch(
                 concat([self.tokens, serve_tokens]),
                 concat([self.positions, serve_positions]),
