@@ -181,12 +181,17 @@ class RequestHandle:
         self._engine._finish(self._request, "cancelled")
 
 
+# The tokens a step samples: (row of its next tokens, sequence, index in the sequence's
+# ids) each, see ``Engine._begin``.
+Sampled = tuple[tuple[int, SequenceState, int], ...]
+
+
 class _InFlight(NamedTuple):
     """A dispatched serving step whose next tokens have not been read back."""
 
     scheduled: ScheduledStep
     next_tokens: jax.Array  # int32 [S], on the device
-    sampled: tuple[tuple[int, SequenceState, int], ...]  # see Engine._begin
+    sampled: Sampled
 
 
 @dataclasses.dataclass(frozen=True)
@@ -446,7 +451,7 @@ class Engine:
                     seen_cols[row] = chunk.stop - 1
         return PendingTokens(source, token_rows, seen_cols) if (source >= 0).any() else None
 
-    def _begin(self, scheduled: ScheduledStep) -> tuple[tuple[int, SequenceState, int], ...]:
+    def _begin(self, scheduled: ScheduledStep) -> Sampled:
         """Marks a packed step's chunks computed; returns (row, sequence, index) of each
         token the step samples, index being where it goes in the sequence's ids. A
         sequence that goes on gets a ``PENDING`` placeholder there, so the next step can
@@ -527,7 +532,7 @@ class Engine:
         scheduled: ScheduledStep,
         bucket: int | None = None,
         sampling_stages: SamplingStages = ARGMAX_ONLY,
-    ) -> tuple[np.ndarray, tuple]:
+    ) -> tuple[np.ndarray, Sampled]:
         """Runs a serving-only step to the end (arguments as for ``_batch``): int32 [S]
         next token of every row, and ``_begin``'s sampled tokens for ``_commit``."""
         batch = self._batch(scheduled, bucket, sampling_stages)
@@ -536,7 +541,7 @@ class Engine:
         return np.asarray(next_tokens), sampled
 
     def _commit(
-        self, scheduled: ScheduledStep, next_tokens: np.ndarray, sampled: tuple
+        self, scheduled: ScheduledStep, next_tokens: np.ndarray, sampled: Sampled
     ) -> dict[str, int]:
         """Records a step's results: computed tokens and the tokens ``_begin`` listed
         (those of requests finished meanwhile are dropped).

@@ -125,7 +125,7 @@ class SamplingStages(NamedTuple):
 
     @classmethod
     def combinations(cls, params: Sequence[SamplingParams]) -> set[SamplingStages]:
-        """Every stages a step can need when it mixes requests with any of these
+        """Every set of stages a step can need when it mixes requests with any of these
         parameters (and greedy ones): the unions of their stages."""
         found = {ARGMAX_ONLY}
         for p in params:
