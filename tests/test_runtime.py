@@ -2,6 +2,7 @@
 its adapter is served mid-training and after, and datasets fail clearly."""
 
 import json
+import types
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,7 @@ from loqjax import (
 from loqjax.jobs import DatasetError, FineTuneJob, LoraConfig, load_records
 from loqjax.metrics import Metrics
 from loqjax.runtime import Runtime, RuntimeConfig
+from loqjax.sampling import SamplingStages
 from loqjax.tasks import DATA_DIR
 from loqjax.tokenization import load_tokenizer
 
@@ -103,22 +105,27 @@ def test_adapter_served_mid_training_and_after(trained):
     assert np.any(runtime.registry.export("upper").weights[0, "q_proj"][1] != 0)
 
 
-def test_warmup_compiles_the_sampled_variants(trained):
-    """The sampler's stages are static: ``warmup(sampling=...)`` compiles the serving and
-    unified variants a sampled request needs, and serving one then compiles nothing."""
+def test_warmup_runs_every_sampled_variant(trained, monkeypatch):
+    """The sampler's stages are static: ``warmup(sampling=...)`` runs the serving buckets
+    and the unified step on empty batches for every mix of the parameters' stages (the
+    engine test ``test_mixed_batch_equals_each_request_alone`` checks that serving then
+    compiles nothing), and counts each unified variant as compiled."""
     runtime, *_ = trained
+    served, unified = [], []
 
-    def sizes():  # compiled variants of the serving and the unified step
-        return runtime._serve_step._cache_size(), runtime._step._cache_size()
+    def run_unified(train, rows):
+        unified.append(rows.sampling.stages)
+        return types.SimpleNamespace(loss=np.zeros(2))
 
-    before = sizes()
-    sampled = SamplingParams(temperature=0.8, top_p=0.9, max_tokens=2)
-    runtime.warmup(sampling=[sampled])
-    warm = sizes()
-    assert warm[0] > before[0] and warm[1] > before[1]
-    for params in (sampled, greedy(2)):
-        assert len(runtime.submit("copy: abc =>", sampling=params).result().token_ids) == 2
-    assert sizes() == warm
+    monkeypatch.setattr(runtime, "_serve", lambda s, bucket, stages: served.append(stages))
+    monkeypatch.setattr(runtime, "_run_unified", run_unified)
+    penalty = SamplingParams(temperature=0.0, repetition_penalty=1.2)
+    nucleus = SamplingParams(temperature=0.8, top_p=0.9)
+    runtime.warmup(sampling=[penalty, nucleus])
+    mixes = SamplingStages.combinations([penalty, nucleus])
+    assert len(mixes) == 4 and sorted(unified) == sorted(mixes)
+    assert sorted(served) == sorted(mixes) * len(SERVING.token_buckets)
+    assert {("unified", stages) for stages in mixes} <= runtime._ran
 
 
 def test_dataset_errors_name_the_line(tmp_path):

@@ -94,7 +94,7 @@ def test_interpreter_poisons_outputs():
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-@settings(max_examples=12, deadline=None)
+@settings(max_examples=8, deadline=None)
 @given(layout=layouts(), with_base=st.booleans())
 def test_smlm_forward_and_gradients_match_reference(shape, dtype, layout, with_base):
     check_against_reference(shape, dtype, layout, with_base)
