@@ -7,9 +7,10 @@
         print(event.text, end="")
     output = handle.result()
 
-Synchronous and single-threaded: ``step()`` schedules and runs one jitted step for every
-admitted request (see ``scheduler``), and iterating a handle or asking for its result
-steps the engine until there is something to return. Requests are checked at submit; a
+Single-threaded: ``step()`` schedules and dispatches one jitted step for every admitted
+request (see ``scheduler``), then reads back the tokens of the step before it, so the host
+packs a step while the device runs the previous one; iterating a handle or asking for its
+result steps the engine until there is something to return. Requests are checked at submit; a
 rejected one raises and leaves the engine as it was.
 
 Each step runs at the smallest of ``EngineConfig.token_buckets`` that holds its scheduled
