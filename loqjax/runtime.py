@@ -9,7 +9,8 @@ fine-tune adapters. Before each step the ``StepPolicy`` decides whether it train
   ``unified_serve_rows`` tokens) after them, and runs the unified step over the KV cache
   (``loqjax.unified``): the serving rows' next tokens come back sampled, the jobs' slots
   take their gradients, all in one jitted call;
-* a serving step is the engine's step, at its token buckets.
+* a serving step is the engine's step, at its token buckets; unlike ``Engine.step``, the
+  runtime reads every step's tokens back before it schedules the next (not pipelined).
 
 With no request in flight a training step is the same unified step, its serving rows
 padding: one compiled training step in all (per set of sampler stages of its serving
