@@ -421,9 +421,15 @@ class Engine:
             self._commit(previous.scheduled, np.asarray(previous.next_tokens), previous.sampled)
         return launched is not None or previous is not None or self._scheduler.has_work
 
-    def _launch(self, scheduled: ScheduledStep) -> _InFlight:
-        """Dispatches a serving step, its pending tokens taken from the step in flight."""
-        batch = self._batch(scheduled)
+    def _launch(
+        self,
+        scheduled: ScheduledStep,
+        bucket: int | None = None,
+        sampling_stages: SamplingStages = ARGMAX_ONLY,
+    ) -> _InFlight:
+        """Dispatches a serving step (arguments as for ``_batch``), its pending tokens
+        taken from the step in flight."""
+        batch = self._batch(scheduled, bucket, sampling_stages)
         if (pending := self._pending(scheduled)) is not None:
             batch = batch.with_pending(self._in_flight.next_tokens, pending)
         sampled = self._begin(scheduled)
@@ -536,10 +542,8 @@ class Engine:
     ) -> tuple[np.ndarray, Sampled]:
         """Runs a serving-only step to the end (arguments as for ``_batch``): int32 [S]
         next token of every row, and ``_begin``'s sampled tokens for ``_commit``."""
-        batch = self._batch(scheduled, bucket, sampling_stages)
-        sampled = self._begin(scheduled)
-        next_tokens, self._cache = self._serve_step(self._serving_leaves(), self._cache, batch)
-        return np.asarray(next_tokens), sampled
+        flight = self._launch(scheduled, bucket, sampling_stages)
+        return np.asarray(flight.next_tokens), flight.sampled
 
     def _commit(
         self, scheduled: ScheduledStep, next_tokens: np.ndarray, sampled: Sampled
