@@ -158,7 +158,9 @@ class ServeBatch:
     def with_pending(self, previous: jax.Array, pending: PendingTokens) -> ServeBatch:
         """This batch with the pending tokens of ``previous`` (the next tokens of the step
         in flight) in place of their placeholders, on the device."""
-        tokens, seen = _put_pending(self.tokens, self.sampling.seen, previous, pending)
+        # Stacked: one transfer, not one per array.
+        stacked = np.stack(pending)
+        tokens, seen = _put_pending(self.tokens, self.sampling.seen, previous, stacked)
         sampling = dataclasses.replace(self.sampling, seen=seen)
         return dataclasses.replace(self, tokens=tokens, sampling=sampling)
 
@@ -183,15 +185,17 @@ class PendingTokens(NamedTuple):
 
 @jax.jit
 def _put_pending(
-    tokens: jax.Array, seen: jax.Array, previous: jax.Array, pending: PendingTokens
+    tokens: jax.Array, seen: jax.Array, previous: jax.Array, pending: jax.Array
 ) -> tuple[jax.Array, jax.Array]:
     """tokens int32 [T] and seen int32 [S, C] with the pending tokens of ``previous``
-    (int32 [S'], the earlier step's next tokens) written in."""
-    known = pending.source < 0
-    token = previous[jnp.maximum(pending.source, 0)]
-    rows = jnp.where(known, tokens.shape[0], pending.token_rows)
+    (int32 [S'], the earlier step's next tokens) written in; ``pending`` is int32 [3, S],
+    the fields of ``PendingTokens`` stacked."""
+    source, token_rows, seen_cols = pending
+    known = source < 0
+    token = previous[jnp.maximum(source, 0)]
+    rows = jnp.where(known, tokens.shape[0], token_rows)
     tokens = tokens.at[rows].set(token, mode="drop")
-    cols = jnp.where(known, seen.shape[1], pending.seen_cols)
+    cols = jnp.where(known, seen.shape[1], seen_cols)
     seen = seen.at[jnp.arange(seen.shape[0]), cols].set(token, mode="drop")
     return tokens, seen
 
