@@ -56,7 +56,7 @@ def inference() -> Path:
 
 
 def finetune() -> Path:
-    # 1 adapter: run 21 (profiled; the step time is the unprofiled one); 4 adapters: run 10.
+    # 1 adapter: run 20 (profiled; the step time is the unprofiled one); 4 adapters: run 10.
     ours = [
         r
         for name in ("finetune_run4_profile.jsonl", "finetune_run3_4adapters.jsonl")

@@ -158,7 +158,7 @@ class SamplingBatch:
     seeds: jax.Array
     steps: jax.Array
     seen: jax.Array
-    stages: SamplingStages = dataclasses.field(default=SamplingStages(), metadata=dict(static=True))
+    stages: SamplingStages = dataclasses.field(default=ARGMAX_ONLY, metadata=dict(static=True))
 
     @classmethod
     def pack(cls, *args, **kwargs) -> SamplingBatch:
