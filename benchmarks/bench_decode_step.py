@@ -19,7 +19,8 @@ decode; per variant it reports, per decode step of ``B`` rows:
   them; ``--top`` of them by time and by idle time in the JSON row, 12 printed); ``traced_idle`` and
   ``traced_span`` are the stream's idle time and first-to-last span per step in that
   trace. ``--hlo-dir`` also writes each variant's compiled step (HLO text, gzipped), to
-  read what a kernel of the trace computes.
+  read what a kernel of the trace computes. ``--phases`` adds ``Engine.step``'s host parts
+  (``engine_phases``) and the device step fed other batches than one re-run (``FEEDS``).
 
 Variants: ``base`` (no adapter tables), then the model with 64-slot rank-8 tables (all seven
 projections) and 64 adapters loaded, serving ``n`` of them (request i gets adapter
@@ -93,19 +94,30 @@ def next_batch(engine: Engine) -> ServeBatch:
     return engine._batch(engine._schedule())
 
 
-def device_steps(engine: Engine, iters: int, repeats: int):
-    """(median seconds per step of ``iters`` back-to-back serving steps on one decode batch,
-    median seconds per step the host takes to dispatch them, a function running ``iters``
-    of them): the next decode step's batch, re-run; each call rewrites the same cache rows.
-    Dispatch time near the step time means the host, not the GPU, sets the pace. The
-    engine is not stepped afterwards."""
-    batch = next_batch(engine)
+# How ``device_steps`` feeds its back-to-back steps: one packed batch re-run; 4 batches
+# packed alike (the same values in other device buffers), cycled, which makes the step's
+# command buffers (CUDA graphs, recorded for the buffers' addresses) update every call;
+# or a batch packed and transferred afresh per call, as the engine does.
+FEEDS = ("same", "cycled", "fresh")
+
+
+def device_steps(engine: Engine, iters: int, repeats: int, feed: str = "same"):
+    """(median seconds per step of ``iters`` back-to-back serving steps on the next decode
+    step's batch, fed as ``feed`` says (see ``FEEDS``), median seconds per step the host
+    takes to dispatch them, a function running ``iters`` of them); each call rewrites the
+    same cache rows. Dispatch time near the step time means the host, not the GPU, sets
+    the pace. The engine is not stepped afterwards."""
+    scheduled = engine._schedule()
+    packed = [engine._batch(scheduled) for _ in range(4 if feed == "cycled" else 1)]
+
+    def batch(i: int) -> ServeBatch:
+        return engine._batch(scheduled) if feed == "fresh" else packed[i % len(packed)]
 
     def run():
         tokens = None
-        for _ in range(iters):
+        for i in range(iters):
             tokens, engine._cache = engine._serve_step(
-                engine._serving_leaves(), engine._cache, batch
+                engine._serving_leaves(), engine._cache, batch(i)
             )
         return tokens
 
@@ -118,6 +130,60 @@ def device_steps(engine: Engine, iters: int, repeats: int):
         jax.block_until_ready(tokens)
         times.append((time.perf_counter() - start) / iters)
     return statistics.median(times), statistics.median(dispatches), run
+
+
+# Engine.step's parts, timed by wrapping the engine's methods of these names.
+PHASES = {
+    "schedule": "_schedule",
+    "pack": "_batch",
+    "pending": "_pending",
+    "begin": "_begin",
+    "leaves": "_serving_leaves",
+    "dispatch": "_serve_step",
+    "commit": "_commit",
+}
+
+
+def engine_phases(engine: Engine, steps: int) -> dict:
+    """Mean ms per ``Engine.step`` of each of its parts (``PHASES``, as ``phase_*_ms``;
+    ``rest``: the step's other time, mostly the wait on the previous step's tokens), and
+    the fraction of dispatches that found the step in flight finished before (``ready_before``) and after
+    (``ready_after``) they ran: a dispatch that only returns once the step before it has
+    finished serializes the host's work with the device's."""
+    spent = dict.fromkeys(PHASES, 0.0)
+    ready = {"ready_before": 0, "ready_after": 0}
+
+    def timed(phase, fn):
+        def call(*args, **kwargs):
+            in_flight = engine._in_flight if phase == "dispatch" else None
+            if in_flight is not None:
+                ready["ready_before"] += in_flight.next_tokens.is_ready()
+            start = time.perf_counter()
+            result = fn(*args, **kwargs)
+            spent[phase] += time.perf_counter() - start
+            if in_flight is not None:
+                ready["ready_after"] += in_flight.next_tokens.is_ready()
+            return result
+
+        return call
+
+    originals = {name: getattr(engine, name) for name in PHASES.values()}
+    attributes = {name: vars(engine)[name] for name in PHASES.values() if name in vars(engine)}
+    for phase, name in PHASES.items():
+        setattr(engine, name, timed(phase, originals[name]))
+    try:
+        start = time.perf_counter()
+        for _ in range(steps):
+            engine.step()
+        total = time.perf_counter() - start
+    finally:
+        for name in PHASES.values():  # back to the class's methods and own attributes
+            delattr(engine, name)
+        vars(engine).update(attributes)
+    phases = {f"phase_{phase}_ms": s / steps * 1e3 for phase, s in spent.items()}
+    phases["phase_rest_ms"] = (total - sum(spent.values())) / steps * 1e3
+    phases["phase_step_ms"] = total / steps * 1e3
+    return phases | {key: count / steps for key, count in ready.items()}
 
 
 def per_step(kernels: list[dict], iters: int) -> list[dict]:
@@ -145,6 +211,11 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--top", type=int, default=12, help="kernels kept in the JSON row")
     parser.add_argument("--hlo-dir", default=None, help="write each compiled step here")
+    parser.add_argument(
+        "--phases",
+        action="store_true",
+        help="also time Engine.step's parts and the device step under every feed (FEEDS)",
+    )
     parser.add_argument("--out", default=None, help="append JSON rows to this file")
     args = parser.parse_args(argv)
     config = model_config(args.tiny)
@@ -179,6 +250,13 @@ def main(argv=None):
         engine_steps(engine, 2)  # compiles the decode bucket (prefill shares it)
         warm_s = time.perf_counter() - start
         engine_s = engine_steps(engine, args.steps)
+        probes = {}
+        if args.phases:
+            probes = engine_phases(engine, args.steps)
+            for feed in FEEDS[1:]:
+                step_s, feed_dispatch_s, _ = device_steps(engine, args.iters, args.repeats, feed)
+                probes[f"device_{feed}_ms"] = step_s * 1e3
+                probes[f"dispatch_{feed}_ms"] = feed_dispatch_s * 1e3
         device_s, dispatch_s, run = device_steps(engine, args.iters, args.repeats)
         *kernels, every = kernel_profile(run, top=None)
         if args.hlo_dir:
@@ -201,7 +279,13 @@ def main(argv=None):
             top_idle_kernels=per_step(
                 sorted(kernels, key=lambda k: -k["idle_ms"])[: args.top], args.iters
             ),
+            **probes,
         )
+        if probes:
+            print(
+                f"--- {variant} {path or ''}: "
+                + " ".join(f"{k}={v:.3f}" for k, v in probes.items())
+            )
         for key in ("top_kernels", "top_idle_kernels"):
             print(f"--- {variant} {path or ''}: {key.replace('_', ' ')} per step", flush=True)
             for k in row[key][:12]:

@@ -2,8 +2,9 @@
 # One GPU session's phases, each under its own time limit, logs and JSON rows under $OUT
 # (the device tool's output folder; default ./gpu_out). Usage:
 #   benchmarks/gpu_run.sh tests lora_decode finetune     # any of the phases below, in order
-# Phases: info, tests, e2e, lora_decode, decode_step, decode_hlo, decode_nocmdbuf, flash, finetune, finetune_profile,
-# finetune4, inference, peft, unified, scaling, scaling_1gpu, save_cache.
+# Phases: info, tests, e2e, lora_decode, decode_step, decode_phases, decode_phases_nocmdbuf,
+# decode_hlo, decode_nocmdbuf, flash, finetune, finetune_profile, finetune4, inference, peft,
+# unified, scaling, scaling_1gpu, save_cache.
 #
 # "scaling" runs bench_scaling.py on every mesh the host has devices for (1, 2, 4, 8
 # GPUs; NCCL_NVLS_ENABLE=0 below) after its check; a call has 10 minutes, so a multi-GPU
@@ -47,6 +48,10 @@ for p in "$@"; do
       tests/test_model_kernels.py "tests/test_engine.py::test_greedy_matches_transformers_and_peft" ;;
     lora_decode) phase lora_decode 100 python3 benchmarks/bench_lora_decode.py --tokens 64 --adapters 1 64 --methods two-kernel split --json "$OUT/lora_decode.json" ;;
     decode_step) phase decode_step 230 python3 benchmarks/bench_decode_step.py --paths split --out "$OUT/decode_step.jsonl" ;;
+    decode_phases) phase decode_phases 200 python3 benchmarks/bench_decode_step.py --paths split --adapters 1 \
+      --phases --out "$OUT/decode_phases.jsonl" ;;
+    decode_phases_nocmdbuf) phase decode_phases_nocmdbuf 200 env XLA_FLAGS="--xla_gpu_enable_command_buffer=" \
+      python3 benchmarks/bench_decode_step.py --paths split --adapters 1 --phases --out "$OUT/decode_phases_nocmdbuf.jsonl" ;;
     decode_hlo) phase decode_hlo 150 python3 benchmarks/bench_decode_step.py --paths split --adapters 1 \
       --top 150 --hlo-dir "$OUT/hlo" --out "$OUT/decode_step.jsonl" ;;
     decode_nocmdbuf) phase decode_nocmdbuf 150 env XLA_FLAGS="--xla_gpu_enable_command_buffer=" \
