@@ -147,9 +147,9 @@ PHASES = {
 def engine_phases(engine: Engine, steps: int) -> dict:
     """Mean ms per ``Engine.step`` of each of its parts (``PHASES``, as ``phase_*_ms``;
     ``rest``: the step's other time, mostly the wait on the previous step's tokens), and
-    the fraction of dispatches that found the step in flight finished before (``ready_before``) and after
-    (``ready_after``) they ran: a dispatch that only returns once the step before it has
-    finished serializes the host's work with the device's."""
+    the fraction of dispatches that found the step in flight finished before
+    (``ready_before``) and after (``ready_after``) they ran: a dispatch that only returns
+    once the step before it has finished serializes the host's work with the device's."""
     spent = dict.fromkeys(PHASES, 0.0)
     ready = {"ready_before": 0, "ready_after": 0}
 

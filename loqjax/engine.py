@@ -501,16 +501,23 @@ class Engine:
 
     def _schedule(self, budget: int | None = None) -> ScheduledStep | None:
         """The next step's chunks within ``budget`` tokens (default the token capacity),
-        or None if there are none; requests whose adapter was unloaded are aborted."""
-        chunks, slots = [], []
+        ordered by adapter slot, or None if there are none; requests whose adapter was
+        unloaded are aborted.
+
+        In slot order, the rows of an adapter are contiguous: one LoRA segment, whose
+        weights the kernels load once per tile of rows instead of once per sequence."""
+        scheduled = []
         for chunk in self._scheduler.schedule(budget):
             slot = self._adapter_slot(chunk.seq.adapter)
             if slot is None:  # unloaded since submit: the request cannot go on
                 self._finish(self._requests[chunk.seq.request_id], "aborted")
             else:
-                chunks.append(chunk)
-                slots.append(slot)
-        return ScheduledStep(tuple(chunks), tuple(slots)) if chunks else None
+                scheduled.append((slot, chunk))
+        if not scheduled:
+            return None
+        scheduled.sort(key=lambda pair: pair[0])  # stable: the scheduler's order per slot
+        slots, chunks = zip(*scheduled, strict=True)
+        return ScheduledStep(chunks, slots)
 
     def _bucket(self, num_tokens: int) -> int:
         """The smallest token bucket that holds ``num_tokens``."""

@@ -105,6 +105,7 @@ class LoraBatch:
     ) -> LoraBatch:
         """The metadata of ``pack`` as numpy arrays, for a caller that puts it on the
         device inside a larger batch (each ``jax.device_put`` costs host time).
+        Consecutive sequences of one slot share a segment (see ``_slot_runs``).
 
         Args:
           lengths: tokens of each sequence, in packing order.
@@ -119,11 +120,12 @@ class LoraBatch:
             raise ValueError(f"{len(lengths)} sequences exceed num_segments={num_segments}")
         if any(n < 0 for n in lengths):
             raise ValueError(f"negative sequence length in {list(lengths)}")
+        ends, run_slots = _slot_runs(lengths, slots)
         # Unused segments repeat the last end: zero-length, they cover no row.
         seg_ends = np.full(num_segments, sum(lengths), np.int32)
-        seg_ends[: len(lengths)] = np.cumsum(lengths)
+        seg_ends[: len(ends)] = ends
         seg_slots = np.full(num_segments, -1, np.int32)
-        seg_slots[: len(slots)] = slots
+        seg_slots[: len(run_slots)] = run_slots
         return cls(
             seg_ends, seg_slots, None if grad_rows is None else np.int32(grad_rows), train_rows
         )
@@ -133,6 +135,26 @@ class LoraBatch:
         ``num_slots`` slots (traced, inside the step)."""
         tiles = plan_forward(self.seg_ends, self.seg_slots, num_rows, num_slots)
         return dataclasses.replace(self, tiles=tiles)
+
+
+def _slot_runs(lengths: Sequence[int], slots: Sequence[int]) -> tuple[list[int], list[int]]:
+    """(exclusive end row, slot) of each run of consecutive sequences of one slot.
+
+    A kernel's row tiles never straddle a segment, so one segment per run lets a tile
+    hold many sequences' rows: a decode step has one row per sequence, and one segment
+    each would load an adapter's weights once per row.
+    """
+    ends: list[int] = []
+    run_slots: list[int] = []
+    end = 0
+    for length, slot in zip(lengths, slots, strict=True):
+        end += length
+        if run_slots and run_slots[-1] == slot:
+            ends[-1] = end
+        else:
+            ends.append(end)
+            run_slots.append(slot)
+    return ends, run_slots
 
 
 class LoraTable(nnx.Module):

@@ -19,6 +19,7 @@ from loqjax import (
     load_model,
     lora_tables,
 )
+from pallas_kernels import token_slots
 
 from hf_reference import CAPACITY, pack, rel_err
 
@@ -147,6 +148,17 @@ def test_lora_batch_pack():
         LoraBatch.pack([1, 2, 3], [0, 0, 0], num_segments=2)
     with pytest.raises(ValueError, match="negative sequence length"):
         LoraBatch.pack([1, -2], [0, 0], num_segments=2)
+
+
+def test_lora_batch_pack_merges_runs_of_one_slot():
+    # Decode rows, one per sequence: a run of one adapter is one segment (row tiles never
+    # straddle segments, so it can fill them), and every row keeps its slot.
+    lengths, slots = [1, 1, 1, 2, 1, 1], [4, 4, -1, -1, 4, 1]
+    batch = LoraBatch.pack_host(lengths, slots, num_segments=6)
+    np.testing.assert_array_equal(batch.seg_ends, [2, 5, 6, 7, 7, 7])
+    np.testing.assert_array_equal(batch.seg_slots, [4, -1, 4, 1, -1, -1])
+    per_row = token_slots(batch.seg_ends, batch.seg_slots, num_rows=8, num_slots=5)
+    np.testing.assert_array_equal(per_row, [4, 4, -1, -1, -1, 4, 1, -1])
 
 
 def test_small_batch_plans_its_row_tiles_once_per_forward(hf_models, lora_models):

@@ -558,8 +558,9 @@ def test_pack_layout():
     )
     for field, value in expected.items():
         assert np.asarray(getattr(batch, field)).tolist() == value, field
-    assert np.asarray(batch.lora.seg_ends).tolist() == [3, 5, 6, 8, 9, 9]
-    assert np.asarray(batch.lora.seg_slots).tolist() == [2, 0, -1, -1, 1, -1]
+    # The training padding and the base-model serving rows after it: one segment.
+    assert np.asarray(batch.lora.seg_ends).tolist() == [3, 5, 8, 9, 9, 9]
+    assert np.asarray(batch.lora.seg_slots).tolist() == [2, 0, -1, 1, -1, -1]
     assert batch.lora.grad_rows == 5 and batch.num_train_rows == 6
 
 
