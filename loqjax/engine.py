@@ -418,7 +418,7 @@ class Engine:
         launched = None if scheduled is None else self._launch(scheduled)
         previous, self._in_flight = self._in_flight, launched
         if previous is not None:
-            self._commit(previous.scheduled, np.asarray(previous.next_tokens), previous.sampled)
+            self._commit_flight(previous)
         return launched is not None or previous is not None or self._scheduler.has_work
 
     def _launch(
@@ -576,6 +576,10 @@ class Engine:
             if reason is not None:
                 self._finish(request, reason)
         return generated
+
+    def _commit_flight(self, flight: _InFlight) -> dict[str, int]:
+        """``_commit`` of a dispatched step, once its tokens are read back."""
+        return self._commit(flight.scheduled, np.asarray(flight.next_tokens), flight.sampled)
 
     def run_until_idle(self) -> None:
         """Steps until every submitted request has finished."""

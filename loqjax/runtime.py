@@ -8,9 +8,11 @@ fine-tune adapters. Before each step the ``StepPolicy`` decides whether it train
   scheduled serving chunks (decode tokens and prefill pieces, at most
   ``unified_serve_rows`` tokens) after them, and runs the unified step over the KV cache
   (``loqjax.unified``): the serving rows' next tokens come back sampled, the jobs' slots
-  take their gradients, all in one jitted call;
-* a serving step is the engine's step, at its token buckets; unlike ``Engine.step``, the
-  runtime reads every step's tokens back before it schedules the next (not pipelined).
+  take their gradients, all in one jitted call; it first commits the serving step in
+  flight, and runs to the end (the jobs' losses decide what they train next);
+* a serving step is the engine's step, at its token buckets, pipelined as
+  ``Engine.step`` is: the runtime packs and dispatches it before it reads back the tokens
+  of the step before (the policy's deadlines count the tokens in flight).
 
 With no request in flight a training step is the same unified step, its serving rows
 padding: one compiled training step in all (per set of sampler stages of its serving
@@ -444,11 +446,20 @@ class Runtime(Engine):
         self._ran.add(("unified", sampling_stages))
 
     def step(self) -> bool:
-        """One step; False when there was nothing to do."""
-        start = self.clock()
+        """One step; False when there was nothing to do.
+
+        Serving steps are pipelined as ``Engine.step``'s are: this call dispatches one and
+        then commits the tokens of the one before. A unified step first commits the step
+        in flight (its serving rows are packed from the tokens on the host), then runs to
+        the end: the jobs' losses decide what they train next."""
+        start = step_start = self.clock()
         active = [run for run in self.jobs.values() if run.status == "running"]
-        train, scheduled, rows = [], None, {}
+        train, scheduled, rows, generated, landed = [], None, {}, {}, False
         if active and self._wants_training(start):
+            if landed := self._in_flight is not None:
+                generated = self._land()
+                step_start = self.clock()
+                self._time(("serve", None), step_start - start, True)  # its wait
             scheduled = self._schedule(self.runtime_config.serve_rows)
             train, rows = self._pack_training(active, self.runtime_config.train_rows)
         stages = None  # the sampler stages of a unified step, part of its variant
@@ -468,20 +479,34 @@ class Runtime(Engine):
                     self._fail(run, float(loss[slot]), bool(updated[slot]))
                 else:
                     self._account(run, rows[run.name], float(loss[slot]), int(num_tokens[slot]))
+            if scheduled is not None:
+                generated = _merged(generated, self._commit(scheduled, next_tokens, sampled))
         else:
-            scheduled = scheduled or self._schedule()
-            if scheduled is None:
-                return self._scheduler.has_work
             kind = "serve"
-            next_tokens, sampled = self._serve(scheduled)
-        generated = {} if scheduled is None else self._commit(scheduled, next_tokens, sampled)
+            scheduled = scheduled or self._schedule()
+            launched = None if scheduled is None else self._launch(scheduled)
+            previous, self._in_flight = self._in_flight, launched
+            if previous is not None:
+                generated = _merged(generated, self._commit_flight(previous))
+            elif launched is None and not landed:
+                return self._scheduler.has_work
         end = self.clock()
-        self._time((kind, stages), end - start, bool(active))
+        self._time((kind, stages), end - step_start, bool(active))
         self.metrics.step(start, end, generated, {n: r for n, r in rows.items() if r})
         return True
 
+    def _land(self) -> dict[str, int]:
+        """Commits the serving step in flight, if any; its generated tokens per adapter."""
+        previous, self._in_flight = self._in_flight, None
+        return {} if previous is None else self._commit_flight(previous)
+
     def _wants_training(self, now: float) -> bool:
-        deadlines = [self.slo.deadline(r.arrival, r.token_times) for r in self._requests.values()]
+        flight = self._in_flight
+        in_flight = set() if flight is None else {id(seq) for _, seq, _ in flight.sampled}
+        deadlines = [
+            self.slo.deadline(r.arrival, r.token_times, int(id(r.seq) in in_flight), now)
+            for r in self._requests.values()
+        ]
         share = self._train_seconds / self._active_seconds if self._active_seconds else 0.0
         predicted = self._unified_seconds if deadlines else None
         return self.policy.train_now(deadlines, now, predicted, share)
@@ -690,6 +715,11 @@ class Runtime(Engine):
             total += float(losses[run.slot])
             count += int(counts[run.slot])
         return total / max(count, 1)
+
+
+def _merged(a: dict[str, int], b: dict[str, int]) -> dict[str, int]:
+    """Per-adapter token counts of both."""
+    return {name: a.get(name, 0) + b.get(name, 0) for name in a.keys() | b.keys()}
 
 
 def _chunks(examples: Sequence[Example], rows: int, seqs: int):

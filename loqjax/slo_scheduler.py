@@ -8,7 +8,9 @@ the step can afford the wait:
 
 * a request waiting for its first token is due at ``arrival + ttft_s``;
 * a request with k >= 1 tokens is due at ``first_token + k * tpot_s``: if its next token
-  comes by then, its mean time per output token (the TPOT of the SLO) stays on target.
+  comes by then, its mean time per output token (the TPOT of the SLO) stays on target;
+* a token that a step still running on the device samples (steps are pipelined) lands
+  before any later step's: the deadline that counts is the next one's.
 
 Fast decode steps bank slack against those deadlines, and a training step spends it.
 With a step-time prediction for the training step (measured by the runtime), the policy
@@ -37,11 +39,23 @@ class SloTargets:
         if not (self.ttft_s > 0 and self.tpot_s > 0):
             raise ValueError(f"SLO targets must be positive, got {self}")
 
-    def deadline(self, arrival: float, token_times: Sequence[float]) -> float:
-        """When a request's next token is due (see the module docstring)."""
-        if not token_times:
+    def deadline(
+        self,
+        arrival: float,
+        token_times: Sequence[float],
+        in_flight: int = 0,
+        now: float | None = None,
+    ) -> float:
+        """When a request's next token is due (see the module docstring), after the
+        ``in_flight`` tokens a step still running on the device samples for it: those land
+        before any later step's, so the deadline is that of the token after them. A first
+        token in flight lands at about ``now`` (required then)."""
+        if not token_times and not in_flight:
             return arrival + self.ttft_s
-        return token_times[0] + len(token_times) * self.tpot_s
+        first = token_times[0] if token_times else now
+        if first is None:
+            raise ValueError("a request whose first token is in flight needs now")
+        return first + (len(token_times) + in_flight) * self.tpot_s
 
 
 @dataclasses.dataclass(frozen=True)

@@ -128,6 +128,27 @@ def test_warmup_runs_every_sampled_variant(trained, monkeypatch):
     assert {("unified", stages) for stages in mixes} <= runtime._ran
 
 
+def test_serving_steps_are_pipelined_and_a_unified_step_lands_them(trained, monkeypatch):
+    """A serving step's tokens are committed by the next call (it dispatches first); a
+    unified step commits the step in flight before it packs its own serving rows, and
+    the request's tokens are those it gets served alone."""
+    runtime, *_ = trained
+    handle = runtime.submit("copy: abc =>", sampling=greedy(5))
+    runtime.step()  # dispatches the prefill: its token is still on the device
+    assert handle.output().token_ids == () and runtime._in_flight is not None
+    runtime.step()  # dispatches the first decode step, commits the prefill's token
+    assert len(handle.output().token_ids) == 1
+    job = FineTuneJob("lower", DATA_DIR / "upper.jsonl", LoraConfig(rank=4), steps=1)
+    runtime.add_job(job)
+    monkeypatch.setattr(runtime, "_wants_training", lambda now: True)
+    runtime.step()  # lands the decode step in flight, then trains and decodes one more
+    assert len(handle.output().token_ids) == 3 and runtime._in_flight is None
+    monkeypatch.undo()
+    runtime.run_until_idle()
+    alone = runtime.submit("copy: abc =>", sampling=greedy(5)).result()
+    assert handle.result().token_ids == alone.token_ids
+
+
 def test_dataset_errors_name_the_line(tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": "a"}\n')

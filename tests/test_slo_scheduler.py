@@ -18,6 +18,15 @@ def test_deadlines_keep_the_mean_time_per_token_on_target():
     assert SLO.deadline(10.0, [10.5, 10.52, 10.54]) == pytest.approx(10.65)
 
 
+def test_a_token_in_flight_moves_the_deadline_to_the_next():
+    # The token a running step samples lands first: the next one is what a step after it
+    # must not delay.
+    assert SLO.deadline(10.0, [10.5], in_flight=1) == SLO.deadline(10.0, [10.5, 10.51])
+    assert SLO.deadline(10.0, [], in_flight=1, now=11.0) == pytest.approx(11.05)
+    with pytest.raises(ValueError, match="needs now"):
+        SLO.deadline(10.0, [], in_flight=1)
+
+
 @given(
     arrival=st.floats(0, 10),
     fractions=st.lists(st.floats(0, 1), min_size=1, max_size=20),
