@@ -159,7 +159,7 @@ def main(argv=None):
                 median_step_ms=1e3 * float(np.median(steps)) if steps else None,
                 # Where a decode's time beyond its median steps goes: one slow step or many.
                 max_step_ms=1e3 * max(steps) if steps else None,
-                steps_over_2x_median=sum(t > 2 * np.median(steps) for t in steps),
+                steps_over_2x_median=int(sum(t > 2 * np.median(steps) for t in steps)),
                 floor_step_ms=1e3 * floor_s,
                 vs_base_decode=decode_tps / base_decode[batch] if n else 1.0,
                 peak_mem_gib=peak_memory_gib(),
