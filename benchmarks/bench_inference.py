@@ -27,7 +27,9 @@ from __future__ import annotations
 
 import argparse
 import faulthandler
+import gc
 import sys
+import time
 
 import numpy as np
 
@@ -76,6 +78,23 @@ def generate(engine: Engine, batch: int, adapters, prompt_len: int, new_tokens: 
     return prefilled, total, step_times
 
 
+class GcPauses:
+    """Milliseconds of every full (generation 2) garbage collection while active."""
+
+    def __init__(self):
+        self.ms: list[float] = []
+        self._start = None
+        gc.callbacks.append(self._on_gc)
+
+    def _on_gc(self, phase, info):
+        if info["generation"] != 2:
+            return
+        if phase == "start":
+            self._start = time.perf_counter()
+        elif self._start is not None:
+            self.ms.append(1e3 * (time.perf_counter() - self._start))
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="tiny model, CPU-sized run")
@@ -90,6 +109,11 @@ def main(argv=None):
         default=None,
         help="decode steps' rows (default the largest batch: smaller batches decode at it, "
         "a memory-bound step costing about the same, and compile once less)",
+    )
+    parser.add_argument(
+        "--gc-freeze",
+        action="store_true",
+        help="gc.freeze() once the model is built: full collections skip its objects",
     )
     parser.add_argument("--out", default=None, help="append JSON rows to this file")
     parser.add_argument(
@@ -117,6 +141,7 @@ def main(argv=None):
         token_buckets=(args.decode_bucket or max_batch,),
     )
     model = random_model(config)
+    pauses = GcPauses()
     # A decode step reads every matmul weight once (bf16), whatever the batch.
     floor_s = 2 * num_matmul_params(config) / (ceilings["copy_tb_per_s"] * 1e12)
 
@@ -137,6 +162,9 @@ def main(argv=None):
             print(f"{name} B={batch}", file=sys.stderr, flush=True)
             with Timer() as warm:  # compiles the prefill and decode buckets
                 generate(engine, batch, adapters, prompt_len, 2, seed=1)
+            if args.gc_freeze:
+                gc.freeze()
+            pauses.ms.clear()
             prefill_s, total_s, steps = generate(
                 engine, batch, adapters, prompt_len, new_tokens, seed=2
             )
@@ -160,6 +188,8 @@ def main(argv=None):
                 # Where a decode's time beyond its median steps goes: one slow step or many.
                 max_step_ms=1e3 * max(steps) if steps else None,
                 steps_over_2x_median=int(sum(t > 2 * np.median(steps) for t in steps)),
+                full_gc_ms=list(pauses.ms),
+                gc_freeze=args.gc_freeze,
                 floor_step_ms=1e3 * floor_s,
                 vs_base_decode=decode_tps / base_decode[batch] if n else 1.0,
                 peak_mem_gib=peak_memory_gib(),
