@@ -614,10 +614,10 @@ class Engine:
 def _freeze_garbage() -> None:
     """Moves every object alive now out of the garbage collector's reach (``gc.freeze``).
 
-    A model and its compiled steps are hundreds of thousands of long-lived objects, and a
-    full collection scans them all: one stalled an 8B decode step by 0.34 s on an H200
-    host (RESULTS.md, run 25). Frozen, they are never scanned (nor freed: they live as
-    long as the server anyway)."""
+    A model and its compiled steps are many long-lived objects, and a full collection
+    scans them all: one stalled an 8B decode step by 0.34 s on an H200 host (RESULTS.md,
+    run 25). Frozen, they are never scanned for cycles (reference counting still frees
+    them; a cycle among them lives on, as the server's objects do anyway)."""
     gc.collect()
     gc.freeze()
 
