@@ -417,12 +417,17 @@ class Engine:
         ``PendingTokens``). A request that step N finishes may have a row in step N + 1;
         it is computed and dropped.
         """
-        scheduled = self._schedule()
+        return self._advance(self._schedule()) is not None or self._scheduler.has_work
+
+    def _advance(self, scheduled: ScheduledStep | None) -> dict[str, int] | None:
+        """Dispatches ``scheduled`` (if any), then reads back and commits the step that was
+        in flight (if any): its generated tokens per adapter (see ``_commit``); None if
+        there was neither."""
         launched = None if scheduled is None else self._launch(scheduled)
         previous, self._in_flight = self._in_flight, launched
-        if previous is not None:
-            self._commit_flight(previous)
-        return launched is not None or previous is not None or self._scheduler.has_work
+        if previous is None:
+            return None if launched is None else {}
+        return self._commit(previous.scheduled, np.asarray(previous.next_tokens), previous.sampled)
 
     def _launch(
         self,
@@ -579,10 +584,6 @@ class Engine:
             if reason is not None:
                 self._finish(request, reason)
         return generated
-
-    def _commit_flight(self, flight: _InFlight) -> dict[str, int]:
-        """``_commit`` of a dispatched step, once its tokens are read back."""
-        return self._commit(flight.scheduled, np.asarray(flight.next_tokens), flight.sampled)
 
     def run_until_idle(self) -> None:
         """Steps until every submitted request has finished."""

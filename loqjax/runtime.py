@@ -457,7 +457,7 @@ class Runtime(Engine):
         train, scheduled, rows, generated, landed = [], None, {}, {}, False
         if active and self._wants_training(start):
             if landed := self._in_flight is not None:
-                generated = self._land()
+                generated = self._advance(None)
                 step_start = self.clock()
                 self._time(("serve", None), step_start - start, True)  # its wait
             scheduled = self._schedule(self.runtime_config.serve_rows)
@@ -483,22 +483,14 @@ class Runtime(Engine):
                 generated = _merged(generated, self._commit(scheduled, next_tokens, sampled))
         else:
             kind = "serve"
-            scheduled = scheduled or self._schedule()
-            launched = None if scheduled is None else self._launch(scheduled)
-            previous, self._in_flight = self._in_flight, launched
-            if previous is not None:
-                generated = _merged(generated, self._commit_flight(previous))
-            elif launched is None and not landed:
+            advanced = self._advance(scheduled or self._schedule())
+            if advanced is None and not landed:
                 return self._scheduler.has_work
+            generated = _merged(generated, advanced or {})
         end = self.clock()
         self._time((kind, stages), end - step_start, bool(active))
         self.metrics.step(start, end, generated, {n: r for n, r in rows.items() if r})
         return True
-
-    def _land(self) -> dict[str, int]:
-        """Commits the serving step in flight, if any; its generated tokens per adapter."""
-        previous, self._in_flight = self._in_flight, None
-        return {} if previous is None else self._commit_flight(previous)
 
     def _wants_training(self, now: float) -> bool:
         flight = self._in_flight
