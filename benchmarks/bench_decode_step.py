@@ -25,7 +25,10 @@ decode; per variant it reports, per decode step of ``B`` rows:
 Variants: ``base`` (no adapter tables), then the model with 64-slot rank-8 tables (all seven
 projections) and 64 adapters loaded, serving ``n`` of them (request i gets adapter
 ``i % n``), once per LoRA decode path of ``--paths`` (``pallas_kernels.smlm``'s
-``SMALL_BATCH_ROWS`` picks it at trace time, so every path compiles afresh).
+``SMALL_BATCH_ROWS`` picks it at trace time, so every path compiles afresh) and per
+command-buffer schedule of ``--schedules`` (``SCHEDULES``: the serving step's own,
+CONCURRENT, or XLA's default; under CONCURRENT the traced kernels overlap, so ``kernels``
+can exceed ``traced_span``). ``temp_mib`` is the compiled step's temporaries.
 """
 
 from __future__ import annotations
@@ -60,6 +63,9 @@ PROMPT_LEN = 16
 PATHS = {"split": 256, "two-kernel": 0}
 # The module itself: the package's ``smlm`` attribute is the function of that name.
 SMLM = importlib.import_module("pallas_kernels.smlm")
+SERVE_STEP = importlib.import_module("loqjax.serve_step")
+# The serving step's command-buffer schedule: the library's (CONCURRENT) or XLA's default.
+SCHEDULES = {"concurrent": dict(SERVE_STEP.SERVING_COMPILER_OPTIONS), "lhs": {}}
 
 
 def held_in_decode(engine: Engine, batch: int, adapters: list[str], seed: int) -> None:
@@ -191,6 +197,13 @@ def per_step(kernels: list[dict], iters: int) -> list[dict]:
     return [dict(k, **{f: k[f] / iters for f in ("calls", "total_ms", "idle_ms")}) for k in kernels]
 
 
+def temp_bytes(engine: Engine) -> int:
+    """Bytes of temporaries the compiled serving step allocates (XLA's memory analysis)."""
+    batch = next_batch(engine)
+    lowered = engine._serve_step.lower(engine._serving_leaves(), engine._cache, batch)
+    return lowered.compile().memory_analysis().temp_size_in_bytes
+
+
 def write_hlo(engine: Engine, path: pathlib.Path) -> None:
     """The compiled serving step of the engine's next batch, as optimized HLO text."""
     batch = next_batch(engine)
@@ -206,6 +219,7 @@ def main(argv=None):
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--adapters", type=int, nargs="+", default=[1, 64])
     parser.add_argument("--paths", nargs="+", default=list(PATHS), choices=list(PATHS))
+    parser.add_argument("--schedules", nargs="+", default=["concurrent"], choices=list(SCHEDULES))
     parser.add_argument("--steps", type=int, default=20, help="timed engine steps")
     parser.add_argument("--iters", type=int, default=10, help="device steps per timing")
     parser.add_argument("--repeats", type=int, default=3)
@@ -234,14 +248,16 @@ def main(argv=None):
     model = random_model(config)
     variants = [("base", 0, None)]
     variants += [(f"lora{n}", n, path) for path in args.paths for n in args.adapters]
+    variants = [(*v, schedule) for v in variants for schedule in args.schedules]
     names: list[str] = []
-    for variant, n, path in variants:
+    for variant, n, path, schedule in variants:
         if n and not names:  # the base is done: give the same model its tables
             add_lora_tables(model, num_slots=MAX_SLOTS, max_rank=8)
             registry = AdapterRegistry(model)
             names = load_adapters(registry, model, MAX_SLOTS)
         if path is not None:
             SMLM.SMALL_BATCH_ROWS = PATHS[path]
+        SERVE_STEP.SERVING_COMPILER_OPTIONS = SCHEDULES[schedule]
         jax.clear_caches()  # the nested layer jits too: the path is read at trace time
         serve_step.cache_clear()
         engine = Engine(model, registry if n else None, config=engine_config)
@@ -264,6 +280,7 @@ def main(argv=None):
         row = rows.add(
             variant=variant,
             path=path,
+            schedule=schedule,
             n_adapters=n,
             batch=args.batch,
             warmup_s=warm_s,
@@ -275,6 +292,7 @@ def main(argv=None):
             traced_idle_ms=every["idle_ms"] / args.iters,
             traced_span_ms=every["span_ms"] / args.iters,
             floor_step_ms=floor_ms,
+            temp_mib=temp_bytes(engine) / 2**20,
             top_kernels=per_step(kernels[: args.top], args.iters),
             top_idle_kernels=per_step(
                 sorted(kernels, key=lambda k: -k["idle_ms"])[: args.top], args.iters
@@ -283,11 +301,14 @@ def main(argv=None):
         )
         if probes:
             print(
-                f"--- {variant} {path or ''}: "
+                f"--- {variant} {path or ''} {schedule}: "
                 + " ".join(f"{k}={v:.3f}" for k, v in probes.items())
             )
         for key in ("top_kernels", "top_idle_kernels"):
-            print(f"--- {variant} {path or ''}: {key.replace('_', ' ')} per step", flush=True)
+            print(
+                f"--- {variant} {path or ''} {schedule}: {key.replace('_', ' ')} per step",
+                flush=True,
+            )
             for k in row[key][:12]:
                 print(
                     f"    {k['kernel'][:60]:60s} x{k['calls']:6.1f} {k['total_ms']:8.3f} ms"
@@ -297,6 +318,7 @@ def main(argv=None):
         [
             "variant",
             "path",
+            "schedule",
             "batch",
             "engine_step_ms",
             "device_step_ms",
@@ -306,6 +328,7 @@ def main(argv=None):
             "traced_idle_ms",
             "traced_span_ms",
             "floor_step_ms",
+            "temp_mib",
             "warmup_s",
         ]
     )

@@ -2,7 +2,7 @@
 # One GPU session's phases, each under its own time limit, logs and JSON rows under $OUT
 # (the device tool's output folder; default ./gpu_out). Usage:
 #   benchmarks/gpu_run.sh tests lora_decode finetune     # any of the phases below, in order
-# Phases: info, tests, e2e, lora_decode, decode_step, decode_phases, decode_phases_nocmdbuf,
+# Phases: info, tests, e2e, lora_decode, decode_step, decode_concurrent, decode_phases, decode_phases_nocmdbuf,
 # decode_hlo, decode_nocmdbuf, flash, finetune, finetune_profile, finetune4, inference, peft,
 # unified, scaling, scaling_1gpu, save_cache.
 #
@@ -47,7 +47,9 @@ for p in "$@"; do
     e2e) phase e2e 240 env JAX_DEFAULT_MATMUL_PRECISION=highest python3 -m pytest -x -q -p no:cacheprovider \
       tests/test_model_kernels.py "tests/test_engine.py::test_greedy_matches_transformers_and_peft" ;;
     lora_decode) phase lora_decode 100 python3 benchmarks/bench_lora_decode.py --tokens 64 --adapters 1 64 --methods two-kernel split --json "$OUT/lora_decode.json" ;;
-    decode_step) phase decode_step 230 python3 benchmarks/bench_decode_step.py --paths split --out "$OUT/decode_step.jsonl" ;;
+    decode_step) phase decode_step 230 python3 benchmarks/bench_decode_step.py --paths split --schedules concurrent lhs --out "$OUT/decode_step.jsonl" ;;
+    decode_concurrent) phase decode_concurrent 230 env XLA_FLAGS="--xla_gpu_command_buffer_scheduling_mode=CONCURRENT" \
+      python3 benchmarks/bench_decode_step.py --paths split --out "$OUT/decode_concurrent.jsonl" ;;
     decode_phases) phase decode_phases 200 python3 benchmarks/bench_decode_step.py --paths split --adapters 1 \
       --phases --out "$OUT/decode_phases.jsonl" ;;
     decode_phases_nocmdbuf) phase decode_phases_nocmdbuf 200 env XLA_FLAGS="--xla_gpu_enable_command_buffer=" \
