@@ -9,7 +9,8 @@ seven projections (``bench_common``). For each count n of ``--adapters``, n fres
 (PEFT's init: A random, B = 0) each take ``--seqs`` sequences of ``--seq-len`` random ids per
 step (Loquetier's setting: 2 x 1024), all in one unified step with no serving rows (train
 rows n * seqs * seq_len); AdamW (lr 2e-5, the per-slot optimizer), every step applied.
-``--backward`` picks the unified step's strategy (``save``, ``recompute`` or both).
+``--backward`` picks the unified step's strategy (``save``, ``recompute`` or both), and
+``--schedules`` its command-buffer schedule (``SCHEDULES``), each combination compiled afresh.
 
 Reported: tokens/s over ``--steps`` timed steps after ``--warmup`` (the first compiles),
 synchronising on the loss each step (as a training loop logging it would); the model
@@ -17,12 +18,13 @@ FLOP rate, counting 4 * (matmul params) FLOPs a token (forward and input gradien
 is frozen, so no weight gradient) plus causal attention (3 * 2 * seq_len * d_model per token
 per layer, forward and backward), against the bf16 matmul rate measured in the same run;
 and the device's peak memory so far (jax's ``peak_bytes_in_use``; the runs go in ascending
-memory order, so each row's peak is its own).
+memory order, so each row's peak is its own), and the compiled step's temporaries.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 
 import numpy as np
 
@@ -44,6 +46,9 @@ from bench_common import (
 )
 
 NUM_SLOTS = 8
+UNIFIED = importlib.import_module("loqjax.unified")
+# The unified step's command-buffer schedule: XLA's default (LHS) or CONCURRENT.
+SCHEDULES = {"lhs": {}, "concurrent": {"xla_gpu_command_buffer_scheduling_mode": "CONCURRENT"}}
 
 
 def main(argv=None):
@@ -55,6 +60,7 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--backward", nargs="+", default=["save"], choices=["save", "recompute"])
+    parser.add_argument("--schedules", nargs="+", default=["lhs"], choices=list(SCHEDULES))
     parser.add_argument("--profile", action="store_true", help="kernel times of one step")
     parser.add_argument("--out", default=None, help="append JSON rows to this file")
     args = parser.parse_args(argv)
@@ -81,7 +87,8 @@ def main(argv=None):
         3 * 2 * seq_len * config.hidden_size * config.num_layers
     )
 
-    for backward in args.backward:
+    for backward, schedule in [(b, s) for b in args.backward for s in args.schedules]:
+        UNIFIED.UNIFIED_COMPILER_OPTIONS = SCHEDULES[schedule]
         step = make_unified_step(graphdef, optimizer, backward=backward, leaves_of=leaves_of)
         for n in sorted(args.adapters):
             num_rows = n * args.seqs * seq_len
@@ -111,12 +118,16 @@ def main(argv=None):
                     return out.loss
 
                 for row in kernel_profile(one_step):
-                    rows.add(variant=f"profile {n}", backward=backward, **row)
+                    rows.add(variant=f"profile {n}", backward=backward, schedule=schedule, **row)
+            # The persistent compilation cache makes this compile a lookup on a GPU run.
+            compiled = step.lower(frozen, state, batch(), None).compile()
+            temp_gib = compiled.memory_analysis().temp_size_in_bytes / 2**30
             tokens_per_s = num_rows * steps / timed.seconds
             tflops = flops_per_token * tokens_per_s / 1e12
             rows.add(
                 variant=f"{n} adapter{'s' * (n > 1)}",
                 backward=backward,
+                schedule=schedule,
                 n_adapters=n,
                 rows=num_rows,
                 seq_len=seq_len,
@@ -126,17 +137,20 @@ def main(argv=None):
                 model_tflops=tflops,
                 vs_matmul_peak=tflops / ceilings["matmul_tflops"],
                 peak_mem_gib=peak_memory_gib(),
+                temp_gib=temp_gib,
             )
     rows.table(
         [
             "variant",
             "backward",
+            "schedule",
             "rows",
             "step_s",
             "tokens_per_s",
             "model_tflops",
             "vs_matmul_peak",
             "peak_mem_gib",
+            "temp_gib",
         ]
     )
 

@@ -22,7 +22,7 @@ def rows(name: str) -> list[dict]:
 
 
 def inference() -> Path:
-    ours = [r for r in rows("inference_run8_slot_runs.jsonl") if "decode_tokens_per_s" in r]
+    ours = [r for r in rows("inference_run11_concurrent.jsonl") if "decode_tokens_per_s" in r]
     peft = [r for r in rows("peft.jsonl") if r["benchmark"] == "generate" and r["status"] == "ok"]
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=False)
     for ax, batch in zip(axes, (16, 64), strict=True):
@@ -80,7 +80,7 @@ def finetune() -> Path:
 
 
 def unified() -> Path:
-    data = rows("unified_run8_pipelined.jsonl")
+    data = rows("unified_run9_concurrent.jsonl")
     alone = next(r for r in data if r["variant"] == "finetune alone")
     loads = [r for r in data if r["variant"].startswith("rate")]
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))

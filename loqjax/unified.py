@@ -523,6 +523,12 @@ def unified_step(
     return new_state, sharding.constrain_cache(cache, mesh), out
 
 
+UNIFIED_COMPILER_OPTIONS: dict[str, str] = {}
+"""XLA options of the unified step, read by ``make_unified_step``: XLA's defaults. The
+serving step runs CONCURRENT (``loqjax.serve_step.SERVING_COMPILER_OPTIONS``);
+``benchmarks/bench_finetune.py --schedules`` times this step both ways."""
+
+
 def make_unified_step(
     graphdef: nnx.GraphDef,
     optimizer: SlotOptimizer,
@@ -549,4 +555,4 @@ def make_unified_step(
     if leaves_of is not None:
         frozen_def, state_def = leaves_of
         step = with_leaves(step, (frozen_def, state_def, None, None), {0: state_def})
-    return jax.jit(step, donate_argnums=(1, 3))
+    return jax.jit(step, donate_argnums=(1, 3), compiler_options=UNIFIED_COMPILER_OPTIONS)
