@@ -206,8 +206,9 @@ runs the step's kernels one after another; CONCURRENT orders them by their buffe
 so a projection's LoRA kernels run beside its base matmul. On an H200, a Llama-3-8B
 decode step of 64 rows with adapters went 7.99 -> 7.05 ms (1 adapter) and 9.27 -> 8.25 ms
 (64), the base's 6.25 -> 6.31 ms (RESULTS.md, run 26). Its price is temporaries that XLA
-no longer packs as tightly, small next to a serving step's weights and cache. Read when a
-step is first built (``serve_step``'s cache); the CPU backend accepts and ignores it."""
+no longer packs as tightly: 63.8 -> 72.7 MiB for that step (run 27), small next to its
+weights and cache. Read when a step is first built (``serve_step``'s cache); the CPU
+backend accepts and ignores it. Not yet run on a mesh of several GPUs."""
 
 
 @functools.cache
