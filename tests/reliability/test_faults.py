@@ -142,9 +142,9 @@ def test_non_finite_jobs_are_paused_and_the_rest_goes_on(alone):
     metrics event, its weights bit-identical to those after its last accepted update;
     ``resume_job`` goes on (and pauses again while the cause remains: the corrupted
     moments, kept without ``reset_optimizer``; the diverged weights themselves, until
-    ``replace_adapter`` gives them earlier ones). The healthy job's weights and held-out
-    losses are bit-identical to a run of it alone (its training losses equal to 1e-6:
-    where its example sits in the rows changes their summation order), and every served
+    ``replace_adapter`` gives them earlier ones). The healthy job's weights and losses equal
+    a run of it alone to rounding (1e-6: where its rows sit in the batch, and how many
+    rows the batch has, change the summation order), and every served
     request equals its run alone, requests to the paused adapters included (the diverged
     one's, NaN logits, beside the others)."""
     runtime = make_runtime()
@@ -255,14 +255,22 @@ def test_non_finite_jobs_are_paused_and_the_rest_goes_on(alone):
     control = make_runtime()
     alone_run = control.add_job(HEALTHY)
     control.run_until_idle()
-    assert healthy.eval_loss == alone_run.eval_loss
+    # To rounding, not bit for bit: XLA's CPU matmuls can round a row differently with the
+    # batch's row count, which the other jobs' rows change (seen on an AVX-512 AMD EPYC:
+    # weights ~0.1 apart by ~1e-7 after 8 updates; other CPUs matched bit for bit).
+    assert [u for u, _ in healthy.eval_loss] == [u for u, _ in alone_run.eval_loss]
     assert [u for u, _ in healthy.train_loss] == [u for u, _ in alone_run.train_loss]
-    np.testing.assert_allclose(
-        [loss for _, loss in healthy.train_loss],
-        [loss for _, loss in alone_run.train_loss],
-        rtol=1e-6,
-    )
-    assert same_bits(slot_bits(runtime, healthy.slot), slot_bits(control, alone_run.slot))
+    for ours, alone_losses in (
+        (healthy.eval_loss, alone_run.eval_loss),
+        (healthy.train_loss, alone_run.train_loss),
+    ):
+        np.testing.assert_allclose(
+            [loss for _, loss in ours], [loss for _, loss in alone_losses], rtol=1e-6
+        )
+    for ours, alone_weights in zip(
+        slot_bits(runtime, healthy.slot), slot_bits(control, alone_run.slot), strict=True
+    ):
+        np.testing.assert_allclose(ours.view(np.float32), alone_weights.view(np.float32), atol=1e-6)
 
 
 def test_a_failure_completing_an_update_then_the_slot_reused():
