@@ -18,7 +18,8 @@ FLOP rate, counting 4 * (matmul params) FLOPs a token (forward and input gradien
 is frozen, so no weight gradient) plus causal attention (3 * 2 * seq_len * d_model per token
 per layer, forward and backward), against the bf16 matmul rate measured in the same run;
 and the device's peak memory so far (jax's ``peak_bytes_in_use``; the runs go in ascending
-memory order, so each row's peak is its own), and the compiled step's temporaries.
+memory order, so each row's peak is its own: give ``--schedules lhs concurrent`` in that
+order), and the compiled step's temporaries.
 """
 
 from __future__ import annotations
