@@ -4,8 +4,8 @@
 #   benchmarks/gpu_run.sh tests lora_decode finetune     # any of the phases below, in order
 # Phases: info, tests, e2e, lora_decode, decode_step, decode_concurrent, decode_phases,
 # decode_phases_nocmdbuf, decode_hlo, decode_nocmdbuf, decode_two_kernel, flash, finetune,
-# finetune_schedules, finetune_profile, finetune4, inference, peft, unified, scaling,
-# scaling_1gpu, save_cache.
+# finetune_schedules, host_dispatch, finetune_profile, finetune4, inference, peft, unified,
+# scaling, scaling_1gpu, save_cache.
 #
 # "scaling" runs bench_scaling.py on every mesh the host has devices for (1, 2, 4, 8
 # GPUs; NCCL_NVLS_ENABLE=0 below) after its check; a call has 10 minutes, so a multi-GPU
@@ -65,6 +65,7 @@ for p in "$@"; do
       --schedules lhs concurrent --out "$OUT/finetune_schedules.jsonl" ;;
     decode_two_kernel) phase decode_two_kernel 120 python3 benchmarks/bench_decode_step.py --paths two-kernel \
       --out "$OUT/decode_two_kernel.jsonl" ;;
+    host_dispatch) phase host_dispatch 120 python3 benchmarks/bench_host_dispatch.py --out "$OUT/host_dispatch.jsonl" ;;
     finetune_profile) phase finetune_profile 200 python3 benchmarks/bench_finetune.py --adapters 1 --profile --out "$OUT/finetune.jsonl" ;;
     finetune4) phase finetune4 330 python3 benchmarks/bench_finetune.py --adapters 4 --out "$OUT/finetune.jsonl" ;;
     inference) phase inference 200 python3 benchmarks/bench_inference.py --out "$OUT/inference.jsonl" ;;
