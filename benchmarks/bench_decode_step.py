@@ -197,20 +197,18 @@ def per_step(kernels: list[dict], iters: int) -> list[dict]:
     return [dict(k, **{f: k[f] / iters for f in ("calls", "total_ms", "idle_ms")}) for k in kernels]
 
 
-def temp_bytes(engine: Engine) -> int:
-    """Bytes of temporaries the compiled serving step allocates (XLA's memory analysis)."""
+def compiled_step(engine: Engine):
+    """The engine's serving step compiled for its next batch (ahead of time: on a GPU run
+    the persistent compilation cache makes it a lookup)."""
     batch = next_batch(engine)
-    lowered = engine._serve_step.lower(engine._serving_leaves(), engine._cache, batch)
-    return lowered.compile().memory_analysis().temp_size_in_bytes
+    return engine._serve_step.lower(engine._serving_leaves(), engine._cache, batch).compile()
 
 
-def write_hlo(engine: Engine, path: pathlib.Path) -> None:
-    """The compiled serving step of the engine's next batch, as optimized HLO text."""
-    batch = next_batch(engine)
-    lowered = engine._serve_step.lower(engine._serving_leaves(), engine._cache, batch)
+def write_hlo(compiled, path: pathlib.Path) -> None:
+    """A compiled step as optimized HLO text, gzipped."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with gzip.open(path, "wt") as f:
-        f.write(lowered.compile().as_text())
+        f.write(compiled.as_text())
 
 
 def main(argv=None):
@@ -275,8 +273,9 @@ def main(argv=None):
                 probes[f"dispatch_{feed}_ms"] = feed_dispatch_s * 1e3
         device_s, dispatch_s, run = device_steps(engine, args.iters, args.repeats)
         *kernels, every = kernel_profile(run, top=None)
+        compiled = compiled_step(engine)
         if args.hlo_dir:
-            write_hlo(engine, pathlib.Path(args.hlo_dir) / f"{variant}_{path or 'base'}.hlo.gz")
+            write_hlo(compiled, pathlib.Path(args.hlo_dir) / f"{variant}_{path or 'base'}.hlo.gz")
         row = rows.add(
             variant=variant,
             path=path,
@@ -292,7 +291,7 @@ def main(argv=None):
             traced_idle_ms=every["idle_ms"] / args.iters,
             traced_span_ms=every["span_ms"] / args.iters,
             floor_step_ms=floor_ms,
-            temp_mib=temp_bytes(engine) / 2**20,
+            temp_mib=compiled.memory_analysis().temp_size_in_bytes / 2**20,
             top_kernels=per_step(kernels[: args.top], args.iters),
             top_idle_kernels=per_step(
                 sorted(kernels, key=lambda k: -k["idle_ms"])[: args.top], args.iters
