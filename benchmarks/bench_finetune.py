@@ -32,6 +32,7 @@ import numpy as np
 from loqjax import AdapterRegistry, LoraConfig, add_lora_tables
 from loqjax.leaves import Leaves
 from loqjax.optim import SlotOptimizer, adamw
+from loqjax.serve_step import SERVING_COMPILER_OPTIONS
 from loqjax.unified import TrainState, make_unified_step, split_model
 
 from bench_common import (
@@ -48,8 +49,8 @@ from bench_common import (
 
 NUM_SLOTS = 8
 UNIFIED = importlib.import_module("loqjax.unified")
-# The unified step's command-buffer schedule: XLA's default (LHS) or CONCURRENT.
-SCHEDULES = {"lhs": {}, "concurrent": {"xla_gpu_command_buffer_scheduling_mode": "CONCURRENT"}}
+# The unified step's command-buffer schedule: XLA's default (LHS) or the serving step's.
+SCHEDULES = {"lhs": {}, "concurrent": dict(SERVING_COMPILER_OPTIONS)}
 
 
 def main(argv=None):
