@@ -2,6 +2,7 @@
 
   PYTHONPATH=. python benchmarks/bench_flash_attention.py --table   # layouts x methods
   PYTHONPATH=. python benchmarks/bench_flash_attention.py --sweep   # block sizes, one shape
+      (the last of --tokens and --segments; fine-tuning's: --tokens 2048 --segments 2)
   PYTHONPATH=. python benchmarks/bench_flash_attention.py --smoke   # tiny, interpreted (CPU)
 
 Correctness on the GPU is the test suite's job: ``pytest -m gpu tests/test_flash_attention.py``.
@@ -166,27 +167,24 @@ def sweep(args):
         except Exception as e:
             print(f"{label:60s} failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
 
-    for bq, bk, nw, ns in itertools.product((64, 128), (32, 64, 128), (4, 8), (2, 3)):
+    run("fwd defaults", False)
+    run("fwd+bwd defaults", True)
+    for bq, bk, nw, ns in itertools.product((64, 128), (64, 128), (4, 8), (2, 3)):
         run(f"fwd block_q={bq} block_k={bk} warps={nw} stages={ns}", False,
             block_q=bq, block_k=bk, num_warps=nw, num_stages=ns)  # fmt: skip
     # The backward's two kernels share num_warps_bwd/num_stages_bwd; the forward stays at
-    # its defaults, so differences are the backward's.
-    for (bq_dq, bk_dq), (bq_dkv, bk_dkv), nw, ns in itertools.product(
-        ((32, 64), (64, 64), (64, 32), (128, 32)),
-        ((16, 64), (32, 64), (64, 64), (32, 128)),
-        (4, 8),
-        (2, 3),
+    # its defaults, so differences are the backward's. First the dk/dv kernel's blocks and
+    # head splits (dq at its defaults), then the dq kernel's (dk/dv at its defaults).
+    for (bq, bk), splits, nw in itertools.product(
+        ((32, 64), (64, 64), (32, 128), (64, 128), (128, 128)), (1, 2, 4), (4, 8)
     ):
-        run(
-            f"fwd+bwd dq={bq_dq}x{bk_dq} dkv={bq_dkv}x{bk_dkv} warps={nw} stages={ns}",
-            True,
-            block_q_dq=bq_dq,
-            block_k_dq=bk_dq,
-            block_q_dkv=bq_dkv,
-            block_k_dkv=bk_dkv,
-            num_warps_bwd=nw,
-            num_stages_bwd=ns,
-        )
+        run(f"fwd+bwd dkv={bq}x{bk} splits={splits} warps={nw}", True,
+            block_q_dkv=bq, block_k_dkv=bk, dkv_head_splits=splits, num_warps_bwd=nw)  # fmt: skip
+    for (bq, bk), nw, ns in itertools.product(
+        ((64, 64), (128, 64), (64, 128), (128, 128)), (4, 8), (2, 3)
+    ):
+        run(f"fwd+bwd dq={bq}x{bk} warps={nw} stages={ns}", True,
+            block_q_dq=bq, block_k_dq=bk, num_warps_bwd=nw, num_stages_bwd=ns)  # fmt: skip
 
 
 def _fmt(x):
@@ -209,7 +207,7 @@ def main():
     args = parser.parse_args()
     print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}", flush=True)
     if args.smoke:  # checks the script itself off-GPU: the kernels run interpreted
-        args.tokens, args.segments, args.heads, args.kv_heads = [64], [1, 4], 4, 2
+        args.tokens, args.segments, args.heads, args.kv_heads = [64], [1, 4], 4, 1
         args.head_dim, args.iters, args.repeats = 16, 2, 1
         bench_smlm.L2_FLUSH_BYTES = 0  # two input sets: each is a copy of the kernels
         table(args)

@@ -43,9 +43,10 @@ Kernels (grids are (block, head); refs are whole ``[T, D]`` heads, sliced in-ker
 * forward, grid (query block, q head): ``out`` and ``lse`` (base 2), written for
   every row (NaN for poisoned queries, 0 for padding).
 * dq, grid (query block, q head): loops over the visible key blocks.
-* dk/dv, grid (key block, kv head): loops over the q heads of its GQA group and their
-  query blocks that see it, so dk/dv are summed over the group in registers, without
-  repeating K/V to ``[T, Hq, D]`` and without atomics.
+* dk/dv, grid (key block, kv head x ``dkv_head_splits``): loops over its share of the
+  q heads of its GQA group and their query blocks that see it, summing dk/dv over them
+  in registers, without repeating K/V to ``[T, Hq, D]`` and without atomics; with the
+  group split over several programs, their float32 partial sums are added after.
 """
 
 from __future__ import annotations
@@ -101,6 +102,7 @@ class _Config:
     num_stages: int
     num_warps_bwd: int
     num_stages_bwd: int
+    dkv_head_splits: int
     interpret: bool
 
     @property
@@ -130,6 +132,7 @@ class _Config:
         "num_stages",
         "num_warps_bwd",
         "num_stages_bwd",
+        "dkv_head_splits",
     ),
 )
 def packed_attention(
@@ -145,12 +148,13 @@ def packed_attention(
     block_k: int = 64,
     block_q_dq: int = 64,
     block_k_dq: int = 64,
-    block_q_dkv: int = 32,
+    block_q_dkv: int = 64,
     block_k_dkv: int = 64,
-    num_warps: int | None = None,
+    num_warps: int = 4,
     num_stages: int = 2,
-    num_warps_bwd: int | None = None,
+    num_warps_bwd: int = 4,
     num_stages_bwd: int = 2,
+    dkv_head_splits: int | None = None,
 ) -> jax.Array:
     """Causal grouped-query attention over a packed batch of segments, differentiable.
 
@@ -168,8 +172,17 @@ def packed_attention(
       block_q, block_k: forward query/key block rows. block_q_dq, block_k_dq: the dq
         kernel's; block_q_dkv, block_k_dkv: the dk/dv kernel's. Powers of two >= 16
         (Triton dots need every side >= 16); clipped to the padded batch.
-      num_warps, num_stages: forward Triton settings (num_warps default: 4 for D <= 64,
-        else 8); num_warps_bwd, num_stages_bwd: both backward kernels'.
+      num_warps, num_stages: forward Triton settings; num_warps_bwd, num_stages_bwd: both
+        backward kernels'.
+      dkv_head_splits: how many dk/dv programs share a kv head's group of q heads (a
+        divisor of Hq // Hkv; default all of it, one q head a program). Above 1, each
+        writes float32 partial sums of its heads, added afterwards: more, shorter
+        programs for the price of that traffic.
+
+    The defaults are the fastest of ``bench_flash_attention.py --sweep`` at fine-tuning's
+    shape (T = 2048 in two sequences, Hq 32, Hkv 8, D 128) on an H200 (RESULTS.md, run
+    30): forward 156 -> 132 µs (4 warps, not 8), forward and backward 804 -> 445 µs with
+    the backward's (4 warps, dk/dv blocks 64 x 64, one q head a program).
 
     Returns:
       [T, Hq, D] in v.dtype: the reference's output on segment rows (NaN for the queries
@@ -192,6 +205,10 @@ def packed_attention(
         raise ValueError(f"positions {positions.shape}, segment_ids {segment_ids.shape}: need [T]")
     if sliding_window is not None and sliding_window < 1:
         raise ValueError(f"sliding_window={sliding_window} must be >= 1 or None")
+    group = num_heads // num_kv_heads
+    dkv_head_splits = group if dkv_head_splits is None else dkv_head_splits
+    if dkv_head_splits < 1 or group % dkv_head_splits:
+        raise ValueError(f"dkv_head_splits={dkv_head_splits} must divide Hq // Hkv = {group}")
     blocks = dict(
         block_q=block_q,
         block_k=block_k,
@@ -205,14 +222,14 @@ def packed_attention(
             raise ValueError(f"{name}={size} must be a power of two >= 16")
     # A block longer than the batch only wastes work: clip to the batch's power of two.
     cap = max(16, pl.next_power_of_2(num_rows))
-    warps = 4 if head_dim <= 64 else 8
     config = _Config(
         sliding_window=sliding_window,
         **{name: min(size, cap) for name, size in blocks.items()},
-        num_warps=num_warps or warps,
+        num_warps=num_warps,
         num_stages=num_stages,
-        num_warps_bwd=num_warps_bwd or warps,
+        num_warps_bwd=num_warps_bwd,
         num_stages_bwd=num_stages_bwd,
+        dkv_head_splits=dkv_head_splits,
         interpret=default_interpret() if interpret is None else interpret,
     )
     return _packed_attention(
@@ -650,13 +667,18 @@ def _backward(cfg: _Config, q, k, v, layout: _Layout, lse, delta, do):
     )(bounds, layout.seg, layout.pos, lse, delta, q, k, v, do)
 
     bounds = _key_block_bounds(layout, num_rows, cfg.block_q_dkv, cfg.block_k_dkv, window)
-    group_heads = pl.BlockSpec((num_rows, group, head_dim), lambda i, h: (0, h, 0))
-    group_rows = pl.BlockSpec((group, padded), lambda i, h: (h, 0))
+    splits = cfg.dkv_head_splits
+    heads = group // splits  # the q heads of one program, consecutive within the group
+    group_heads = pl.BlockSpec((num_rows, heads, head_dim), lambda i, h: (0, h, 0))
+    group_rows = pl.BlockSpec((heads, padded), lambda i, h: (h, 0))
+    kv_of_program = pl.BlockSpec((num_rows, None, head_dim), lambda i, h: (0, h // splits, 0))
+    # Split, every program writes its own heads' partial sums, in float32.
+    partial = jax.ShapeDtypeStruct((num_rows, num_kv_heads * splits, head_dim), jnp.float32)
     dk, dv = pl.pallas_call(
         functools.partial(
             _dkv_kernel, block_q=cfg.block_q_dkv, block_k=cfg.block_k_dkv, window=window, **scales
         ),
-        grid=(bounds.shape[1], num_kv_heads),
+        grid=(bounds.shape[1], num_kv_heads * splits),
         in_specs=[
             pl.BlockSpec(bounds.shape, lambda i, h: (0, 0)),
             rows,
@@ -665,15 +687,23 @@ def _backward(cfg: _Config, q, k, v, layout: _Layout, lse, delta, do):
             group_rows,
             group_heads,
             group_heads,
-            head,
-            head,
+            kv_of_program,
+            kv_of_program,
         ],
         out_specs=[head, head],
-        out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
+        out_shape=[
+            jax.ShapeDtypeStruct(k.shape, k.dtype) if splits == 1 else partial,
+            jax.ShapeDtypeStruct(v.shape, v.dtype) if splits == 1 else partial,
+        ],
         compiler_params=_params(cfg.num_warps_bwd, cfg.num_stages_bwd),
         interpret=cfg.interpret,
         name="packed_attention_dkv",
     )(bounds, layout.seg, layout.pos, lse, delta, q, do, k, v)
+    if splits > 1:
+        dk, dv = (
+            x.reshape(num_rows, num_kv_heads, splits, head_dim).sum(2).astype(k.dtype)
+            for x in (dk, dv)
+        )
     return dq, dk, dv
 
 

@@ -180,6 +180,15 @@ def test_forward_and_gradients_match_reference(config, layout, seed):
     check_against_reference(config, layout, seed)
 
 
+@pytest.mark.parametrize("splits", [1, 2])
+@settings(max_examples=3, deadline=None)
+@given(layout=layouts(), seed=st.integers(0, 2**31 - 1))
+def test_dk_dv_programs_sharing_the_group_match_reference(splits, layout, seed):
+    """A group of 4 q heads over 1 or 2 dk/dv programs (the default, 4, runs above)."""
+    blocks = (*SMALL_BLOCKS, ("dkv_head_splits", splits))
+    check_against_reference((jnp.float32, 1, 7, 16), layout, seed, blocks=blocks)
+
+
 @pytest.mark.parametrize(
     "layout",
     [
@@ -483,6 +492,8 @@ def test_rejects_bad_arguments():
         packed_attention(q, q, q, rows, rows, block_q=48)
     with pytest.raises(ValueError, match="head_dim"):
         packed_attention(q[..., :8], q[..., :8], q[..., :8], rows, rows)
+    with pytest.raises(ValueError, match="dkv_head_splits"):
+        packed_attention(q, q[:, :2], q[:, :2], rows, rows, dkv_head_splits=3)
 
 
 # --- Triton: lowering on any machine, the same checks compiled on a GPU ---
