@@ -13,7 +13,9 @@ rows n * seqs * seq_len); AdamW (lr 2e-5, the per-slot optimizer), every step ap
 ``--schedules`` its command-buffer schedule (``SCHEDULES``), each combination compiled afresh.
 
 Reported: tokens/s over ``--steps`` timed steps after ``--warmup`` (the first compiles),
-synchronising on the loss each step (as a training loop logging it would); the model
+for each ``--sync`` (``timed_steps``): reading the losses each step (``each``, as a training
+loop logging them does) or one step late (``lagged``, so the host queues a step while the
+device runs the one before); the model
 FLOP rate, counting 4 * (matmul params) FLOPs a token (forward and input gradient: the base
 is frozen, so no weight gradient) plus causal attention (3 * 2 * seq_len * d_model per token
 per layer, forward and backward), against the bf16 matmul rate measured in the same run;
@@ -63,6 +65,7 @@ def main(argv=None):
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--backward", nargs="+", default=["save"], choices=["save", "recompute"])
     parser.add_argument("--schedules", nargs="+", default=["lhs"], choices=list(SCHEDULES))
+    parser.add_argument("--sync", nargs="+", default=["each"], choices=["each", "lagged"])
     parser.add_argument("--profile", action="store_true", help="kernel times of one step")
     parser.add_argument("--out", default=None, help="append JSON rows to this file")
     args = parser.parse_args(argv)
@@ -104,13 +107,13 @@ def main(argv=None):
                 for _ in range(args.warmup):
                     state, _, out = step(frozen, state, batch(), None)
                     float(out.loss[0])
-            batches = [batch() for _ in range(steps)]
-            with Timer() as timed:
-                for b in batches:
-                    state, _, out = step(frozen, state, b, None)
-                    losses = np.asarray(out.loss)  # a training loop logs its losses
-            updated = np.asarray(out.updated)
-            assert np.isfinite(losses[:n]).all() and updated[:n].all(), (losses, updated)
+            timings = {}
+            for sync in args.sync:
+                batches = [batch() for _ in range(steps)]
+                with Timer() as timings[sync]:
+                    state, out, losses = timed_steps(step, frozen, state, batches, sync)
+                updated = np.asarray(out.updated)
+                assert np.isfinite(losses[:n]).all() and updated[:n].all(), (losses, updated)
             if args.profile:
                 profiled = batch()
 
@@ -124,28 +127,31 @@ def main(argv=None):
             # The persistent compilation cache makes this compile a lookup on a GPU run.
             compiled = step.lower(frozen, state, batch(), None).compile()
             temp_gib = compiled.memory_analysis().temp_size_in_bytes / 2**30
-            tokens_per_s = num_rows * steps / timed.seconds
-            tflops = flops_per_token * tokens_per_s / 1e12
-            rows.add(
-                variant=f"{n} adapter{'s' * (n > 1)}",
-                backward=backward,
-                schedule=schedule,
-                n_adapters=n,
-                rows=num_rows,
-                seq_len=seq_len,
-                warmup_s=warm.seconds,
-                step_s=timed.seconds / steps,
-                tokens_per_s=tokens_per_s,
-                model_tflops=tflops,
-                vs_matmul_peak=tflops / ceilings["matmul_tflops"],
-                peak_mem_gib=peak_memory_gib(),
-                temp_gib=temp_gib,
-            )
+            for sync, timed in timings.items():
+                tokens_per_s = num_rows * steps / timed.seconds
+                tflops = flops_per_token * tokens_per_s / 1e12
+                rows.add(
+                    variant=f"{n} adapter{'s' * (n > 1)}",
+                    backward=backward,
+                    schedule=schedule,
+                    sync=sync,
+                    n_adapters=n,
+                    rows=num_rows,
+                    seq_len=seq_len,
+                    warmup_s=warm.seconds,
+                    step_s=timed.seconds / steps,
+                    tokens_per_s=tokens_per_s,
+                    model_tflops=tflops,
+                    vs_matmul_peak=tflops / ceilings["matmul_tflops"],
+                    peak_mem_gib=peak_memory_gib(),
+                    temp_gib=temp_gib,
+                )
     rows.table(
         [
             "variant",
             "backward",
             "schedule",
+            "sync",
             "rows",
             "step_s",
             "tokens_per_s",
@@ -155,6 +161,22 @@ def main(argv=None):
             "temp_gib",
         ]
     )
+
+
+def timed_steps(step, frozen, state, batches, sync):
+    """Runs ``step`` on every batch; returns (state, the last step's output, its loss on
+    the host). ``each`` reads every step's losses before the next step (as a loop logging
+    them does), so the host's dispatch of a step never overlaps the device's work;
+    ``lagged`` reads step i's after queueing step i + 1 (a loop logging a step late)."""
+    previous = None
+    for b in batches:
+        state, _, out = step(frozen, state, b, None)
+        if sync == "each":
+            np.asarray(out.loss)
+        elif previous is not None:
+            np.asarray(previous.loss)
+        previous = out
+    return state, out, np.asarray(out.loss)
 
 
 if __name__ == "__main__":
