@@ -39,6 +39,7 @@ from loqjax import parallel
 from loqjax.attention import AttentionImpl, cached_attention, packed_attention
 from loqjax.config import ModelConfig
 from loqjax.layers import Embedding, Linear, RMSNorm, project
+from loqjax.loss import head_token_losses
 from loqjax.rope import apply_rope, rope_cos_sin
 
 if TYPE_CHECKING:
@@ -324,5 +325,13 @@ class CausalLM(nnx.Module):
 
     def logits(self, x: jax.Array) -> jax.Array:
         """Final norm and output head: hidden [R, d] -> float32 logits [R, vocab]."""
-        head = self.embed_tokens if self.lm_head is None else self.lm_head
-        return head.attend(self.norm(x))
+        return self._head().attend(self.norm(x))
+
+    def token_losses(self, x: jax.Array, targets: jax.Array) -> jax.Array:
+        """``token_cross_entropy(self.logits(x), targets)``: hidden [R, d], int32 targets
+        [R] -> float32 [R], without ever holding all R rows' logits
+        (``loqjax.loss.head_token_losses``)."""
+        return head_token_losses(self.norm(x), self._head().embedding[...], targets)
+
+    def _head(self) -> Embedding:
+        return self.embed_tokens if self.lm_head is None else self.lm_head

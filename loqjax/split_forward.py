@@ -6,15 +6,17 @@ differentiated. Autodiff cannot prune the serving rows by itself: ``concat(x_tra
 stop_gradient(x_serve)) @ w`` still transposes to a matmul over all rows, and the norms,
 activations and attention of the concatenated rows save residuals for every row.
 
-``split_rows`` therefore defines the derivative of each stage (a decoder layer; the final
-norm and head) itself, with ``jax.custom_vjp``: the forward runs the stage once on the
+``split_rows`` therefore defines the derivative of each decoder layer itself, with
+``jax.custom_vjp``: the forward runs the stage once on the
 concatenated rows and saves only the stage's training-row inputs; the backward re-runs the
 stage on the training rows alone and takes that VJP. This is exact because no training row
 reads a serving row (attention never mixes segments) and serving outputs carry no
 gradient, and it leaves serving rows with no saved activation and no backward op at all.
 The price is a recomputation of each stage's forward for the training rows (what the
 backward reads of it; XLA drops the rest): per-layer activation checkpointing, which also
-bounds the saved training activations to one [n, d] input per layer.
+bounds the saved training activations to one [n, d] input per layer. The final norm and
+head run on the two parts apart: the serving rows' few logits without gradient, the
+training rows' losses a chunk of rows at a time (``CausalLM.token_losses``).
 
 ``tests/test_unified_step.py`` checks the pruning on the traced step: differentiating it
 adds no matmul over serving rows to the forward's and saves no serving-row residual,
@@ -109,42 +111,41 @@ def _decoder_layer(graphdef, params, x, rows, consts, kv, num_train_rows):
     return apply_layer(layer, x, *rows, lora, kv, pages, num_train_rows=num_train_rows)
 
 
-def _final_norm_and_head(graphdef, params, x, rows, consts, state, num_train_rows):
-    del params, rows, state, num_train_rows
-    norm, head = nnx.merge(graphdef, consts)
-    return head.attend(norm(x)), None
-
-
-def split_logits(
+def split_losses(
     model: CausalLM,
     tokens: jax.Array,
     positions: jax.Array,
     segment_ids: jax.Array,
     lora: LoraBatch,
+    targets: jax.Array,
     *,
     num_train_rows: int,
     serve_rows: jax.Array | None = None,
     cache: KVCache | None = None,
     pages: PageBatch | None = None,
 ) -> tuple[jax.Array, jax.Array, KVCache | None]:
-    """Logits of a unified batch: every training row, and the chosen serving rows.
+    """The training rows' token losses and the chosen serving rows' logits of a unified
+    batch.
 
-    The same values as ``model(tokens, positions, segment_ids, lora)`` at those rows (with
-    a cache, as ``model.hidden(..., cache=cache, pages=pages, num_train_rows=n)``); the
-    model's ``LoraParam`` values are differentiated through the training rows only.
+    The same values as ``token_cross_entropy(logits[:n], targets)`` and ``logits`` at the
+    serving rows, ``logits`` being ``model(tokens, positions, segment_ids, lora)`` (with a
+    cache, as ``model.hidden(..., cache=cache, pages=pages, num_train_rows=n)``); the
+    model's ``LoraParam`` values are differentiated through the training rows only. The
+    training rows' logits are never all held at once (``CausalLM.token_losses``).
 
     Args:
       model: a ``CausalLM`` with adapter tables.
       tokens, positions, segment_ids: int32 [T], packed as for ``CausalLM.__call__``; no
         segment spans row ``num_train_rows``.
       lora: each row's adapter slot; ``grad_rows`` at most ``num_train_rows``.
+      targets: int32 [n], each training row's next token.
       num_train_rows: static n: rows [0, n) train, rows [n, T) serve.
       serve_rows: int32 [M], serving rows (in [n, T)) whose logits to compute; None for
         all of them.
       cache, pages: the serving rows' KV cache and its addressing, or None.
 
     Returns:
-      (float32 [n, V] training logits, float32 [M, V] (or [T - n, V]) serving logits
+      (float32 [n] training token losses, float32 [M, V] (or [T - n, V]) serving logits
       without gradient, the updated cache or None).
     """
     n = num_train_rows
@@ -168,9 +169,7 @@ def split_logits(
         new_cache.append(kv)
     if serve_rows is not None:
         x_serve = x_serve[serve_rows - n]
-    head = model.embed_tokens if model.lm_head is None else model.lm_head
-    graphdef, frozen = nnx.split((model.norm, head))
-    train_logits, serve_logits, _ = split_rows(
-        functools.partial(_final_norm_and_head, graphdef), (), x_train, x_serve, consts=frozen
-    )
-    return train_logits, serve_logits, None if cache is None else tuple(new_cache)
+    # The head's rows part here: the serving rows' are few, the training rows' chunked.
+    serve_logits = jax.lax.stop_gradient(model.logits(x_serve))
+    train_losses = model.token_losses(x_train, targets)
+    return train_losses, serve_logits, None if cache is None else tuple(new_cache)

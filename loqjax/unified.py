@@ -29,8 +29,9 @@ Two backward strategies, a static choice of the step:
   elementwise backward work. No forward is recomputed.
 * ``"recompute"``: ``split_forward``: every layer saves only its training-row input and
   recomputes the training rows in the backward, so serving rows cost no backward work
-  and no saved activation at all, for ~50% more forward matmuls: the choice when
-  activations do not fit.
+  and no saved activation at all, for ~50% more forward matmuls; and the training rows'
+  logits are made a chunk of rows at a time (``loqjax.loss.head_token_losses``): the
+  choice when activations do not fit.
 
 The training loss of slot s is the mean token cross-entropy over the loss-masked rows of
 its sequences; with gradient accumulation, over those of all its micro-batches since its
@@ -59,7 +60,7 @@ from loqjax.model import CausalLM
 from loqjax.optim import SlotOptimizer, SlotOptState
 from loqjax.sampling import SamplingBatch, sample
 from loqjax.serve_step import ServeRows
-from loqjax.split_forward import split_logits
+from loqjax.split_forward import split_losses
 from pallas_kernels import token_slots
 
 Backward = Literal["save", "recompute"]
@@ -430,13 +431,15 @@ def slot_losses(
     serve_rows = None if all_serving_logits else batch.sample_rows
     if backward == "save":
         train_logits, serve_logits, cache = _saved_logits(model, batch, cache, serve_rows)
+        token_losses = token_cross_entropy(train_logits, batch.targets)
     elif backward == "recompute":
-        train_logits, serve_logits, cache = split_logits(
+        token_losses, serve_logits, cache = split_losses(
             model,
             batch.tokens,
             batch.positions,
             batch.segment_ids,
             batch.lora,
+            batch.targets,
             num_train_rows=n,
             serve_rows=serve_rows,
             cache=cache,
@@ -445,9 +448,7 @@ def slot_losses(
     else:
         raise ValueError(f"backward must be 'save' or 'recompute', got {backward!r}")
     slots = token_slots(batch.lora.seg_ends, batch.lora.seg_slots, n, num_slots)
-    losses, counts = slot_sums(
-        token_cross_entropy(train_logits, batch.targets), batch.loss_mask, slots, num_slots
-    )
+    losses, counts = slot_sums(token_losses, batch.loss_mask, slots, num_slots)
     return jnp.sum(losses), (losses, counts, serve_logits, cache)
 
 
