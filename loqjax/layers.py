@@ -157,8 +157,9 @@ def output_logits(x: jax.Array, table: jax.Array) -> jax.Array:
     The backward rounds the float32 logits' cotangent to the operands' dtype before its
     matmuls, as transformers' head does (its bf16 logits take a bf16 cotangent).
     Otherwise XLA promotes a bf16 table to float32 for the input gradient: a TF32 GEMM
-    of 5.5 ms a step, twice the forward's, in the Llama-3-8B fine-tuning step
-    (RESULTS.md, run 20). Exact for float32 operands.
+    of 5.5 ms a step, twice the forward's, in the Llama-3-8B fine-tuning step (RESULTS.md,
+    run 20), and a float32 copy of the table (that step's peak 29.50 -> 28.25 GiB without
+    it, run 30). Exact for float32 operands.
     """
     return jnp.einsum("td,vd->tv", x, table, preferred_element_type=jnp.float32)
 
