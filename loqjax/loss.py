@@ -71,12 +71,15 @@ def head_token_losses(
     Args:
       x: [T, d] final hidden rows (normed); table: [V, d] the output head.
       targets: int32 [T]; an id outside [0, V) gives NaN (see ``token_cross_entropy``).
-      chunk_rows: static rows per chunk.
+      chunk_rows: static, the most rows a chunk has.
 
     Returns:
       float32 [T].
     """
-    return _head_token_losses(chunk_rows, x, table, targets)
+    num_rows = x.shape[0]
+    num_chunks = max(1, -(-num_rows // chunk_rows))
+    # Equal chunks of at most chunk_rows rows: the padding is under one row a chunk.
+    return _head_token_losses(max(1, -(-num_rows // num_chunks)), x, table, targets)
 
 
 def _chunks(x: jax.Array, chunk_rows: int) -> jax.Array:

@@ -73,7 +73,7 @@ def test_float32_gradients_are_the_plain_einsums():
 
 # --- the chunked head and loss ---
 
-CHUNK = 10  # ROWS = 24: two whole chunks and a partial one
+CHUNK = 5  # ROWS = 24: five chunks of 5 rows, the last padded by one
 
 
 def losses_and_grads(fn, x, table, targets, mask):
