@@ -4,7 +4,7 @@
 #   benchmarks/gpu_run.sh tests lora_decode finetune     # any of the phases below, in order
 # Phases: info, tests, e2e, lora_decode, decode_step, decode_concurrent, decode_phases,
 # decode_phases_nocmdbuf, decode_hlo, decode_nocmdbuf, decode_two_kernel, flash, flash_sweep,
-# finetune, finetune_schedules, finetune_sync, finetune4_backward, host_dispatch, finetune_profile, finetune4, inference, peft, unified,
+# finetune, finetune_schedules, finetune_sync, finetune4_backward, loss_memory, host_dispatch, finetune_profile, finetune4, inference, peft, unified,
 # scaling, scaling_1gpu, save_cache.
 #
 # "scaling" runs bench_scaling.py on every mesh the host has devices for (1, 2, 4, 8
@@ -70,6 +70,7 @@ for p in "$@"; do
       --backward recompute save --sync each lagged --out "$OUT/finetune4_backward.jsonl" ;;
     decode_two_kernel) phase decode_two_kernel 120 python3 benchmarks/bench_decode_step.py --paths two-kernel \
       --out "$OUT/decode_two_kernel.jsonl" ;;
+    loss_memory) phase loss_memory 120 python3 benchmarks/bench_loss_memory.py --time --out "$OUT/loss_memory.jsonl" ;;
     host_dispatch) phase host_dispatch 120 python3 benchmarks/bench_host_dispatch.py --out "$OUT/host_dispatch.jsonl" ;;
     finetune_profile) phase finetune_profile 200 python3 benchmarks/bench_finetune.py --adapters 1 --profile --out "$OUT/finetune.jsonl" ;;
     finetune4) phase finetune4 330 python3 benchmarks/bench_finetune.py --adapters 4 --out "$OUT/finetune.jsonl" ;;
