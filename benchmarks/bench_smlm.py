@@ -204,9 +204,19 @@ def floor_bytes(num_rows, d, rank, active, itemsize, backward):
 # --- block-size sweep and table -------------------------------------------------
 
 
+def _random_inputs(i, *, num_rows, d, rank):
+    """Input set ``i`` of ``make_inputs`` in bf16."""
+    return make_inputs(jax.random.key(i), num_rows, d, rank, jnp.bfloat16)
+
+
+def _random_rows(i, *, num_rows):
+    """Input set ``i``: one [T, 4096] bf16 array."""
+    return (jax.random.normal(jax.random.key(i), (num_rows, 4096), jnp.bfloat16),)
+
+
 def sweep(args):
     num_rows, d, rank, active = 4096, 4096, 16, 8
-    make = lambda i: make_inputs(jax.random.key(i), num_rows, d, rank, jnp.bfloat16)
+    make = functools.partial(_random_inputs, num_rows=num_rows, d=d, rank=rank)
     sets = input_sets(make, set_bytes(make(0)))
     x, a, b, base, scale, g = sets[0]
     seg_ends, seg_slots, _, _ = layout(num_rows, active, 64)
@@ -224,48 +234,58 @@ def sweep(args):
     for br in (16, 32, 64):
         for bk in (128, 256):
             for nw, ns in ((4, 3), (4, 4), (8, 3)):
-                fn = lambda x, a, b, base, scale, g, br=br, bk=bk, nw=nw, ns=ns: segment_shrink(
-                    x,
-                    a,
-                    seg_ends,
-                    seg_slots,
-                    block_rows=br,
-                    block_k=bk,
-                    num_warps=nw,
-                    num_stages=ns,
-                )
+
+                def fn(x, a, b, base, scale, g, br=br, bk=bk, nw=nw, ns=ns):
+                    return segment_shrink(
+                        x,
+                        a,
+                        seg_ends,
+                        seg_slots,
+                        block_rows=br,
+                        block_k=bk,
+                        num_warps=nw,
+                        num_stages=ns,
+                    )
+
                 run(f"shrink br={br} bk={bk} warps={nw} stages={ns}", fn, x.nbytes)
     for br in (16, 32, 64):
         for bd in (64, 128, 256):
             for nw in (4, 8):
-                fn = lambda x, a, b, base, scale, g, br=br, bd=bd, nw=nw: segment_expand(
-                    h, b, seg_ends, seg_slots, scale, base, block_rows=br, block_d=bd, num_warps=nw
-                )
+
+                def fn(x, a, b, base, scale, g, br=br, bd=bd, nw=nw):
+                    return segment_expand(
+                        h,
+                        b,
+                        seg_ends,
+                        seg_slots,
+                        scale,
+                        base,
+                        block_rows=br,
+                        block_d=bd,
+                        num_warps=nw,
+                    )
+
                 run(f"expand br={br} bd={bd} warps={nw}", fn, 2 * x.nbytes)
     for br in (32, 64, 128):
         for bp, bq in ((32, 16), (64, 16), (128, 16), (16, 64), (16, 128)):
             for nw in (4, 8):
                 transposed_operands = bq != 16  # dB-like: lhs = h [T, R], rhs = g [T, D]
-                fn = (
-                    lambda x, a, b, base, scale, g, br=br, bp=bp, bq=bq, nw=nw, t=transposed_operands: (
-                        segment_outer(
-                            h if t else x,
-                            g if t else h,
-                            seg_ends,
-                            seg_slots,
-                            num_slots=TABLE_SLOTS,
-                            block_rows=br,
-                            block_p=bp,
-                            block_q=bq,
-                            num_warps=nw,
-                        )
+
+                def fn(x, a, b, base, scale, g, br=br, bp=bp, bq=bq, nw=nw, t=transposed_operands):
+                    return segment_outer(
+                        h if t else x,
+                        g if t else h,
+                        seg_ends,
+                        seg_slots,
+                        num_slots=TABLE_SLOTS,
+                        block_rows=br,
+                        block_p=bp,
+                        block_q=bq,
+                        num_warps=nw,
                     )
-                )
-                run(
-                    f"outer {'dB' if transposed_operands else 'dA'} br={br} bp={bp} bq={bq} warps={nw}",
-                    fn,
-                    x.nbytes,
-                )
+
+                kind = "dB" if transposed_operands else "dA"
+                run(f"outer {kind} br={br} bp={bp} bq={bq} warps={nw}", fn, x.nbytes)
 
 
 def trace_kernel_times(run, *args) -> dict[str, list[float]]:
@@ -293,11 +313,7 @@ def profile(args):
     """Device time of every kernel of one forward+backward (``ours``), from a
     profiler trace: the kernels' own time, without launch gaps or host work."""
     for num_rows, rank, active in [(t, 16, 8) for t in args.tokens]:
-        d = 4096
-
-        def make(i):
-            return make_inputs(jax.random.key(i), num_rows, d, rank, jnp.bfloat16)
-
+        make = functools.partial(_random_inputs, num_rows=num_rows, d=4096, rank=rank)
         sets = input_sets(make, set_bytes(make(0)))
         meta = layout(num_rows, active, 64)[:3]
         iters = max(args.iters, len(sets))
@@ -330,7 +346,7 @@ def harness(args):
     bw = measure_copy_bandwidth(args.iters, args.repeats)
     print(f"copy bandwidth {bw / 1e12:.2f} TB/s")
     for num_rows in args.tokens:
-        make = lambda i: (jax.random.normal(jax.random.key(i), (num_rows, 4096), jnp.bfloat16),)
+        make = functools.partial(_random_rows, num_rows=num_rows)
         sets = input_sets(make, set_bytes(make(0)))
         t = time_chained(lambda v: v * 2, sets, args.iters, args.repeats)
         floor = 2 * sets[0][0].nbytes / bw * 1e6
@@ -345,7 +361,7 @@ def table(args):
     ]
     for num_rows, rank, active in configs:
         d = 4096
-        make = lambda i: make_inputs(jax.random.key(i), num_rows, d, rank, jnp.bfloat16)
+        make = functools.partial(_random_inputs, num_rows=num_rows, d=d, rank=rank)
         sets = input_sets(make, set_bytes(make(0)))
         seg_ends, seg_slots, group_sizes, active = layout(num_rows, active, 64)
         meta = (seg_ends, seg_slots, group_sizes)
