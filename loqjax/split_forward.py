@@ -7,16 +7,16 @@ stop_gradient(x_serve)) @ w`` still transposes to a matmul over all rows, and th
 activations and attention of the concatenated rows save residuals for every row.
 
 ``split_rows`` therefore defines the derivative of each decoder layer itself, with
-``jax.custom_vjp``: the forward runs the stage once on the
-concatenated rows and saves only the stage's training-row inputs; the backward re-runs the
-stage on the training rows alone and takes that VJP. This is exact because no training row
-reads a serving row (attention never mixes segments) and serving outputs carry no
-gradient, and it leaves serving rows with no saved activation and no backward op at all.
-The price is a recomputation of each stage's forward for the training rows (what the
-backward reads of it; XLA drops the rest): per-layer activation checkpointing, which also
-bounds the saved training activations to one [n, d] input per layer. The final norm and
-head run on the two parts apart: the serving rows' few logits without gradient, the
-training rows' losses a chunk of rows at a time (``CausalLM.token_losses``).
+``jax.custom_vjp``: the forward runs the layer once on the concatenated rows and saves only
+its training-row input; the backward re-runs the layer on the training rows alone and
+takes that VJP. This is exact because no training row reads a serving row (attention
+never mixes segments) and serving outputs carry no gradient, and it leaves serving rows
+with no saved activation and no backward op at all. The price is a recomputation of each
+layer's forward for the training rows (what the backward reads of it; XLA drops the
+rest): per-layer activation checkpointing, which also bounds the saved training
+activations to one [n, d] input per layer. The final norm and head run on the two parts
+apart: the serving rows' few logits without gradient, the training rows' losses a chunk
+of rows at a time (``CausalLM.token_losses``).
 
 ``tests/test_unified_step.py`` checks the pruning on the traced step: differentiating it
 adds no matmul over serving rows to the forward's and saves no serving-row residual,
@@ -169,7 +169,8 @@ def split_losses(
         new_cache.append(kv)
     if serve_rows is not None:
         x_serve = x_serve[serve_rows - n]
-    # The head's rows part here: the serving rows' are few, the training rows' chunked.
+    # The head runs on the two parts apart: the serving rows are few, and the training
+    # rows' losses come a chunk of rows at a time.
     serve_logits = jax.lax.stop_gradient(model.logits(x_serve))
     train_losses = model.token_losses(x_train, targets)
     return train_losses, serve_logits, None if cache is None else tuple(new_cache)
