@@ -4,8 +4,8 @@
 #   benchmarks/gpu_run.sh tests lora_decode finetune     # any of the phases below, in order
 # Phases: info, tests, e2e, lora_decode, decode_step, decode_concurrent, decode_phases,
 # decode_phases_nocmdbuf, decode_hlo, decode_nocmdbuf, decode_two_kernel, flash, flash_sweep,
-# finetune, finetune_schedules, finetune_sync, finetune4_backward, loss_memory, host_dispatch, finetune_profile, finetune4, inference, peft, unified,
-# scaling, scaling_1gpu, save_cache.
+# finetune, finetune_schedules, finetune_sync, finetune4_backward, loss_memory, host_dispatch,
+# finetune_profile, finetune4, inference, peft, unified, scaling, scaling_1gpu, save_cache.
 #
 # "scaling" runs bench_scaling.py on every mesh the host has devices for (1, 2, 4, 8
 # GPUs; NCCL_NVLS_ENABLE=0 below) after its check; a call has 10 minutes, so a multi-GPU
@@ -60,7 +60,7 @@ for p in "$@"; do
     decode_nocmdbuf) phase decode_nocmdbuf 150 env XLA_FLAGS="--xla_gpu_enable_command_buffer=" \
       python3 benchmarks/bench_decode_step.py --paths split --adapters 1 --out "$OUT/decode_nocmdbuf.jsonl" ;;
     flash) phase flash 120 python3 benchmarks/bench_flash_attention.py --table ;;
-    flash_sweep) phase flash_sweep 200 python3 benchmarks/bench_flash_attention.py --sweep --tokens 2048 --segments 2 ;;
+    flash_sweep) phase flash_sweep 320 python3 benchmarks/bench_flash_attention.py --sweep --tokens 2048 --segments 2 ;;
     finetune) phase finetune 290 python3 benchmarks/bench_finetune.py --out "$OUT/finetune.jsonl" ;;
     finetune_schedules) phase finetune_schedules 380 python3 benchmarks/bench_finetune.py --adapters 1 --steps 6 \
       --schedules lhs concurrent --out "$OUT/finetune_schedules.jsonl" ;;
