@@ -26,10 +26,13 @@ def token_cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
     Returns:
       float32 [T].
     """
-    picked = jnp.take_along_axis(
-        logits, targets[:, None], axis=-1, mode="fill", fill_value=jnp.nan
-    )[:, 0]
-    return jax.nn.logsumexp(logits, axis=-1) - picked
+    return jax.nn.logsumexp(logits, axis=-1) - _target_logits(logits, targets)
+
+
+def _target_logits(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """float32 [T]: each row's logit of its target, NaN for an id outside [0, V)."""
+    picked = jnp.take_along_axis(logits, targets[:, None], axis=-1, mode="fill", fill_value=jnp.nan)
+    return picked[:, 0]
 
 
 def slot_sums(
@@ -116,13 +119,10 @@ def _head_token_losses_fwd(chunk_rows, x, table, targets):
     def chunk(args):
         x, targets = args
         logits, lse, dlogits = _chunk_logits(x, table, targets)
-        picked = jnp.take_along_axis(
-            logits, targets[:, None], axis=-1, mode="fill", fill_value=jnp.nan
-        )[:, 0]
         dx = jnp.einsum(
             "tv,vd->td", dlogits.astype(x.dtype), table, preferred_element_type=jnp.float32
         )
-        return lse - picked, lse, dx
+        return lse - _target_logits(logits, targets), lse, dx
 
     losses, lse, dx_unit = jax.lax.map(
         chunk, (_chunks(x, chunk_rows), _chunks(targets, chunk_rows))
