@@ -4,8 +4,9 @@
 #   benchmarks/gpu_run.sh tests lora_decode finetune     # any of the phases below, in order
 # Phases: info, tests, e2e, lora_decode, decode_step, decode_concurrent, decode_phases,
 # decode_phases_nocmdbuf, decode_hlo, decode_nocmdbuf, decode_two_kernel, flash, flash_sweep,
-# finetune, finetune_schedules, finetune_sync, finetune4_backward, loss_memory, host_dispatch,
-# finetune_profile, finetune4, inference, peft, unified, scaling, scaling_1gpu, save_cache.
+# finetune, finetune_schedules, finetune_sync, finetune4_backward, finetune4_recompute, loss_memory,
+# host_dispatch, finetune_profile, finetune4, inference, peft, unified, scaling, scaling_1gpu,
+# save_cache.
 #
 # "scaling" runs bench_scaling.py on every mesh the host has devices for (1, 2, 4, 8
 # GPUs; NCCL_NVLS_ENABLE=0 below) after its check; a call has 10 minutes, so a multi-GPU
@@ -68,6 +69,8 @@ for p in "$@"; do
       --schedules lhs concurrent --sync each lagged --out "$OUT/finetune_sync.jsonl" ;;
     finetune4_backward) phase finetune4_backward 420 python3 benchmarks/bench_finetune.py --adapters 4 --steps 4 \
       --backward recompute save --sync each lagged --out "$OUT/finetune4_backward.jsonl" ;;
+    finetune4_recompute) phase finetune4_recompute 330 python3 benchmarks/bench_finetune.py --adapters 4 --steps 4 \
+      --backward recompute --sync each lagged --out "$OUT/finetune4_recompute.jsonl" ;;
     decode_two_kernel) phase decode_two_kernel 120 python3 benchmarks/bench_decode_step.py --paths two-kernel \
       --out "$OUT/decode_two_kernel.jsonl" ;;
     loss_memory) phase loss_memory 120 python3 benchmarks/bench_loss_memory.py --time --out "$OUT/loss_memory.jsonl" ;;
