@@ -95,8 +95,11 @@ def _split_rows_fwd(fn, params, x_train, x_serve, rows, consts, state):
 def _split_rows_bwd(fn, residuals, cotangents):
     params, x_train, train_rows, consts = residuals
     n = x_train.shape[0]
+    # Tied to the cotangent, the recomputation cannot be scheduled before the layers
+    # above have been differentiated, which would hold every layer's activations at once.
+    x_train, d_y = jax.lax.optimization_barrier((x_train, cotangents[0][0]))
     _, vjp = jax.vjp(lambda p, x: fn(p, x, train_rows, consts, None, n)[0], params, x_train)
-    d_params, d_x = vjp(cotangents[0][0])
+    d_params, d_x = vjp(d_y)
     return d_params, d_x, None, None, None, None
 
 

@@ -512,6 +512,39 @@ def test_recompute_backward_never_touches_serving_rows(setup, monkeypatch):
     assert backward > 0 and residuals > 0
 
 
+def _tanh_layer(w, x, rows, consts, state, num_train_rows):
+    return jnp.tanh(x @ w), state
+
+
+def test_recompute_backward_waits_for_the_layer_above():
+    """Each layer's backward recomputation depends on the cotangent from the layer above,
+    so XLA cannot schedule every layer's recomputation early and hold all their
+    activations at once (the 4-adapter step's temporaries were 16.2 GiB so, 3.6 after)."""
+    w_low, w_high = jnp.full((3, 3), 0.1), jnp.full((3, 3), 0.2)
+
+    def loss(w_low, w_high, x):
+        x_train, x_serve = x[:4], x[4:]
+        for w in (w_low, w_high):
+            x_train, x_serve, _ = split_forward_module.split_rows(_tanh_layer, w, x_train, x_serve)
+        return jnp.sum(x_train**2)
+
+    jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(w_low, w_high, jnp.ones((6, 3))).jaxpr
+    low, high = jaxpr.invars[:2]
+    ancestors: dict = {}
+    dots_on = {low: [], high: []}
+    for eqn in jaxpr.eqns:
+        inputs = {v for v in eqn.invars if isinstance(v, jax_core.Var)}
+        reach = set().union(inputs, *(ancestors.get(v, set()) for v in inputs))
+        for out in eqn.outvars:
+            ancestors[out] = reach | {eqn}
+        if eqn.primitive.name == "dot_general":
+            for w in inputs & dots_on.keys():
+                dots_on[w].append(eqn)
+    assert dots_on[low] and dots_on[high]
+    for low_dot in dots_on[low]:
+        assert all(high_dot in ancestors[low_dot.outvars[0]] for high_dot in dots_on[high])
+
+
 def test_all_serving_logits(setup, accumulated, lora_forward):
     """A step made with ``all_serving_logits`` also returns every serving row's logits."""
     batch, before, _, out = accumulated
