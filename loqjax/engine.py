@@ -427,7 +427,11 @@ class Engine:
         previous, self._in_flight = self._in_flight, launched
         if previous is None:
             return None if launched is None else {}
-        return self._commit(previous.scheduled, np.asarray(previous.next_tokens), previous.sampled)
+        return self._land(previous)
+
+    def _land(self, flight: _InFlight) -> dict[str, int]:
+        """Reads back and commits a step that was in flight (see ``_commit``)."""
+        return self._commit(flight.scheduled, np.asarray(flight.next_tokens), flight.sampled)
 
     def _launch(
         self,

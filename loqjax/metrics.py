@@ -84,15 +84,20 @@ class Metrics:
         end: float,
         served: dict[str, int],
         trained: dict[str, int],
+        kind: str = "serve",
     ) -> None:
         """One runtime step from ``start`` to ``end`` (s): generated tokens and training
-        tokens per adapter."""
+        tokens per adapter that it read back (of the step before it, when pipelined), and
+        the kind of step its time is charged to ("unified" or "serve": the one it read
+        back, whose device time it waited for)."""
         self.start = start if self.start is None else self.start
         self.end = end
         self.num_steps += 1
         self.served_tokens.update(served)
         self.trained_tokens.update(trained)
-        self._log("step", start=start, seconds=end - start, served=served, trained=trained)
+        self._log(
+            "step", start=start, seconds=end - start, kind=kind, served=served, trained=trained
+        )
 
     def request(self, record: RequestRecord) -> None:
         self.requests.append(record)

@@ -8,11 +8,18 @@ fine-tune adapters. Before each step the ``StepPolicy`` decides whether it train
   scheduled serving chunks (decode tokens and prefill pieces, at most
   ``unified_serve_rows`` tokens) after them, and runs the unified step over the KV cache
   (``loqjax.unified``): the serving rows' next tokens come back sampled, the jobs' slots
-  take their gradients, all in one jitted call; it first commits the serving step in
-  flight, and runs to the end (the jobs' losses decide what they train next);
-* a serving step is the engine's step, at its token buckets, pipelined as
-  ``Engine.step`` is: the runtime packs and dispatches it before it reads back the tokens
-  of the step before (the policy's deadlines count the tokens in flight).
+  take their gradients, all in one jitted call;
+* a serving step is the engine's step, at its token buckets.
+
+Both kinds are pipelined as ``Engine.step``'s serving steps are: a call packs and
+dispatches its step before it reads back the step before, whose sampled tokens reach the
+new step's rows on the device (the policy's deadlines count the tokens in flight). The
+host keeps each job's rows and updates as dispatched, so it can plan the next step's
+examples and updates before the last one's losses are back, and ``land`` reads back and
+commits the step in flight. A step in flight whose landing evaluates a job (at its
+``eval_every`` updates and its last) is landed before the next is dispatched, so the
+held-out loss is that of the weights of its update. With ``RuntimeConfig(pipeline=False)``
+every unified step lands the step before it and runs to the end.
 
 With no request in flight a training step is the same unified step, its serving rows
 padding: one compiled training step in all (per set of sampler stages of its serving
@@ -34,7 +41,10 @@ A job whose loss goes non-finite is paused (``JobRun.status`` "running" -> "paus
 reason in ``JobRun.failure``, a "paused" metrics event): the first step in which its
 micro-batch loss or gradient is NaN or infinite, or its update would make its weights
 non-finite, drops that micro-batch (``SlotOptimizer``), and the job gets no training rows
-from then on; every other job trains on and every request is served as before. Its
+from then on; every other job trains on and every request is served as before. The step
+dispatched after it, before the host knew, halts the job's slot on the device
+(``UnifiedBatch.halting``) and its examples go back to the job, so a pause leaves the same
+weights, optimizer state and next example as it would unpipelined. Its
 adapter keeps the weights the optimizer last accepted, finite (neither the registry nor
 the optimizer lets a non-finite weight into the tables) and bit-identical to those before
 the failing step, unless that step was to complete an update: the optimizer then applies
@@ -51,10 +61,11 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import math
 import time
 from collections.abc import Callable, Sequence
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import jax
 from flax import nnx
@@ -62,7 +73,7 @@ from jax.tree_util import PyTreeDef
 from tqdm.auto import tqdm
 
 from loqjax.adapter import LoraAdapter
-from loqjax.engine import Engine, ScheduledStep, _Request
+from loqjax.engine import Engine, Sampled, ScheduledStep, _InFlight, _Request
 from loqjax.jobs import DatasetError, DuplicateJobError, Example, FineTuneJob, epochs_of
 from loqjax.leaves import Leaves
 from loqjax.metrics import BASE, Metrics, RequestRecord
@@ -71,7 +82,7 @@ from loqjax.optim import SlotOptimizer, slot_finite
 from loqjax.registry import AdapterRegistry
 from loqjax.sampling import ARGMAX_ONLY, SamplingStages
 from loqjax.scheduler import EngineConfig
-from loqjax.serve_step import ServeRows, serve_step
+from loqjax.serve_step import PendingTokens, ServeRows, serve_step
 from loqjax.slo_scheduler import SloTargets, StepPolicy
 from loqjax.unified import (
     Backward,
@@ -99,6 +110,10 @@ class RuntimeConfig:
       min_train_share: share of step time fine-tuning keeps under any serving load.
       slo: TTFT/TPOT targets.
       backward: the unified step's backward strategy (see ``loqjax.unified``).
+      pipeline: dispatch each step before reading back the one before (see above);
+        False makes every unified step run to the end, as a step that reads its results
+        at once does (the Llama-3-8B fine-tuning step of RESULTS.md's runs 30-31 took
+        0.161 s so, 0.142 s pipelined).
     """
 
     serving: EngineConfig = EngineConfig(
@@ -110,6 +125,7 @@ class RuntimeConfig:
     min_train_share: float = 0.25
     slo: SloTargets = SloTargets()
     backward: Backward = "save"
+    pipeline: bool = True
 
     def __post_init__(self):
         if self.train_rows < 1 or self.max_train_seqs < 1:
@@ -153,7 +169,10 @@ class JobRun:
         self.eval_loss: list[tuple[int, float]] = []
         self._stream = epochs_of(train, job.seed)
         self._next = next(self._stream)
-        self._rows = 0  # training rows since the last update
+        # As dispatched, steps in flight included: training rows since the last update,
+        # and updates (see Runtime._plan).
+        self._rows = 0
+        self._planned = 0
         self._loss_sum = 0.0
         self._loss_tokens = 0
         self.progress: tqdm | None = None
@@ -186,6 +205,42 @@ class JobRun:
             return None
         example, self._next = self._next, next(self._stream)
         return example
+
+    def give_back(self, examples: Sequence[Example]) -> None:
+        """Puts examples that ``take`` gave back in front, in their order."""
+        if examples:
+            self._stream = itertools.chain([*examples[1:], self._next], self._stream)
+            self._next = examples[0]
+
+
+class _Planned(NamedTuple):
+    """What a dispatched unified step does for one active job (``Runtime._plan``)."""
+
+    run: JobRun
+    examples: tuple[Example, ...]
+    rows: int
+    rows_before: int  # the job's rows since its last update, before this step
+    update: int  # the update this step completes, 0 for none
+
+    @property
+    def evaluates(self) -> bool:
+        """Landing this step evaluates the job."""
+        job = self.run.job
+        return self.update > 0 and (
+            self.update >= self.run.total_updates or self.update % job.eval_every == 0
+        )
+
+
+class _UnifiedFlight(NamedTuple):
+    """A dispatched unified step not read back yet: ``Engine``'s ``_InFlight`` fields
+    (``scheduled`` None without serving rows) and its training part."""
+
+    scheduled: ScheduledStep | None
+    next_tokens: jax.Array  # int32 [M], on the device
+    sampled: Sampled
+    out: StepOutput
+    planned: tuple[_Planned, ...]
+    stages: SamplingStages
 
 
 DEFAULT_OPTIMIZER = SlotOptimizer()
@@ -277,6 +332,9 @@ class Runtime(Engine):
         self._train_seconds = 0.0  # step time while jobs were active, training / all
         self._active_seconds = 0.0
         self._packings = 0  # training packings so far: whose turn it is to go first
+        # Landed since the last metrics step event: generated and training tokens.
+        self._landed_generated: dict[str, int] = {}
+        self._landed_rows: dict[str, int] = {}
 
     def _bind_model(self, model: CausalLM) -> None:
         self._graphdef, frozen, params = split_model(model)
@@ -309,12 +367,21 @@ class Runtime(Engine):
     # --- adapters and jobs ----------------------------------------------------------
 
     def sync_model(self) -> None:
-        """Writes the trained tables back into ``model`` (the step donates its buffers);
-        call before reading the model or the registry directly (``registry.export``).
-        Change adapters through ``load_adapter``, ``replace_adapter`` and
-        ``unload_adapter``: a registry write donates the tables, which are then the
-        runtime's own."""
+        """Lands the step in flight (``land``) and writes the trained tables back into
+        ``model`` (the step donates its buffers); call before reading the model or the
+        registry directly (``registry.export``). Change adapters through
+        ``load_adapter``, ``replace_adapter`` and ``unload_adapter``: a registry write
+        donates the tables, which are then the runtime's own."""
+        self.land()
         nnx.update(self.model, self._state.params)
+
+    def land(self) -> None:
+        """Reads back and commits the step in flight, if any. After it the jobs' counts,
+        losses and failures and the requests' tokens agree with the tables; the methods
+        that change jobs or adapters land first."""
+        flight, self._in_flight = self._in_flight, None
+        if flight is not None:
+            self._merge_landed(self._land(flight))
 
     def load_adapter(self, name: str, adapter: LoraAdapter) -> int:
         """Loads a serving adapter into a free slot; returns the slot."""
@@ -334,6 +401,7 @@ class Runtime(Engine):
           ValueError: a running job trains ``name``;
           and the registry's ``UnknownAdapterError`` and ``check`` errors.
         """
+        self.land()
         run = self.jobs.get(name)
         if run is not None and run.status == "running":
             raise ValueError(f"adapter {name!r} is being trained by a running job")
@@ -354,6 +422,7 @@ class Runtime(Engine):
           ValueError: a running job trains ``name``;
           and the registry's ``UnknownAdapterError``.
         """
+        self.land()
         run = self.jobs.get(name)
         if run is not None and run.status == "running":
             raise ValueError(f"adapter {name!r} is being trained by a running job")
@@ -376,6 +445,7 @@ class Runtime(Engine):
           KeyError: a hyperparameter the optimizer does not have;
           and the registry's ``AdapterError``s (name taken, table full, bad config).
         """
+        self.land()
         running = self.jobs.get(job.name)
         if running is not None and running.status == "running":
             raise DuplicateJobError(
@@ -440,6 +510,7 @@ class Runtime(Engine):
 
     def _warm_variant(self, sampling_stages: SamplingStages) -> None:
         # The unified step too, and the policy's step-time prediction is warm from the first.
+        self.land()
         super()._warm_variant(sampling_stages)
         out = self._run_unified([], self._serve_rows(ScheduledStep((), ()), sampling_stages))
         jax.block_until_ready(out.loss)
@@ -448,49 +519,57 @@ class Runtime(Engine):
     def step(self) -> bool:
         """One step; False when there was nothing to do.
 
-        Serving steps are pipelined as ``Engine.step``'s are: this call dispatches one and
-        then commits the tokens of the one before. A unified step first commits the step
-        in flight (its serving rows are packed from the tokens on the host), then runs to
-        the end: the jobs' losses decide what they train next."""
+        Dispatches a unified or a serving step, then lands the step that was in flight
+        (see the module docstring); with ``pipeline=False`` a unified step lands the step
+        before it first and itself at the end. The call's time is charged to the step it
+        landed, whose device time it waited for (but for a first run's compile)."""
         start = step_start = self.clock()
+        pipeline = self.runtime_config.pipeline
         active = [run for run in self.jobs.values() if run.status == "running"]
-        train, scheduled, rows, generated, landed = [], None, {}, {}, False
+        active = [run for run in active if run._planned < run.total_updates]
+        train, scheduled, rows, landed = [], None, {}, False
         if active and self._wants_training(start):
-            if landed := self._in_flight is not None:
-                generated = self._advance(None)
+            flight = self._in_flight
+            if flight is not None and (not pipeline or _evaluates(flight)):
+                self.land()
+                landed = True
                 step_start = self.clock()
-                self._time(("serve", None), step_start - start, True)  # its wait
+                self._time(_variant(flight), step_start - start, True)  # its wait
+                # Landing may have paused a job or finished its update plan.
+                active = [run for run in active if run.status == "running"]
             scheduled = self._schedule(self.runtime_config.serve_rows)
             train, rows = self._pack_training(active, self.runtime_config.train_rows)
-        stages = None  # the sampler stages of a unified step, part of its variant
         if train:
-            kind = "unified"
             serve = self._serve_rows(scheduled or ScheduledStep((), ()))
-            stages = serve.sampling.stages
-            sampled = () if scheduled is None else self._begin(scheduled)
-            out = self._run_unified(train, serve, active)
-            next_tokens, loss, num_tokens, updated, nonfinite = jax.device_get(
-                (out.next_tokens, out.loss, out.num_tokens, out.updated, out.nonfinite)
-            )
-            for run in active:
-                slot = run.slot
-                if nonfinite[slot]:  # its micro-batch was dropped
-                    rows[run.name] = 0
-                    self._fail(run, float(loss[slot]), bool(updated[slot]))
-                else:
-                    self._account(run, rows[run.name], float(loss[slot]), int(num_tokens[slot]))
-            if scheduled is not None:
-                generated = _merged(generated, self._commit(scheduled, next_tokens, sampled))
+            flight = self._dispatch_unified(train, rows, scheduled, serve, active)
+            dispatched = _variant(flight)
+            if dispatched not in self._ran:  # compiled: not part of any step's time
+                now = self.clock()
+                self._time(dispatched, now - step_start, True)
+                step_start = now
+            previous, self._in_flight = self._in_flight, flight
+            if previous is not None:
+                self._merge_landed(self._land(previous))
+            if not pipeline:
+                self.land()
+            charged = _variant(previous if pipeline and previous is not None else flight)
         else:
-            kind = "serve"
+            previous = self._in_flight
             advanced = self._advance(scheduled or self._schedule())
             if advanced is None and not landed:
                 return self._scheduler.has_work
-            generated = _merged(generated, advanced or {})
+            self._merge_landed(advanced or {})
+            charged = ("serve", None) if previous is None else _variant(previous)
         end = self.clock()
-        self._time((kind, stages), end - step_start, bool(active))
-        self.metrics.step(start, end, generated, {n: r for n, r in rows.items() if r})
+        self._time(charged, end - step_start, bool(active))
+        generated, trained = self._landed_generated, self._landed_rows
+        self._landed_generated, self._landed_rows = {}, {}
+        trained = {name: rows for name, rows in trained.items() if rows}
+        self.metrics.step(start, end, generated, trained, charged[0])
         return True
+
+    def _merge_landed(self, generated: dict[str, int]) -> None:
+        self._landed_generated = _merged(self._landed_generated, generated)
 
     def _wants_training(self, now: float) -> bool:
         flight = self._in_flight
@@ -515,36 +594,109 @@ class Runtime(Engine):
             sampling_stages=sampling_stages,
         )
 
-    def _run_unified(
-        self, train: list, serve: ServeRows, active: Sequence[JobRun] = ()
-    ) -> StepOutput:
-        """A unified step over ``train`` [(run, example)] and the serving rows; steps the
-        slots of ``active`` jobs whose accumulated rows reach their batch."""
-        config = self.runtime_config
-        sequences = [example.sequence(run.slot) for run, example in train]
-        rows = {run.name: 0 for run in active}
+    def _dispatch_unified(
+        self,
+        train: list,
+        rows: dict[str, int],
+        scheduled: ScheduledStep | None,
+        serve: ServeRows,
+        active: Sequence[JobRun],
+    ) -> _UnifiedFlight:
+        """Dispatches a unified step over ``train`` [(run, example)] and the ``serve``
+        rows of ``scheduled``, their pending tokens and the slots to halt taken from the
+        step in flight."""
+        flight = self._in_flight
+        pending = None if scheduled is None else self._pending(scheduled)
+        sampled = () if scheduled is None else self._begin(scheduled)
+        planned = self._plan(train, rows, active)
+        out = self._run_unified(
+            train,
+            serve,
+            accumulate=[p.run.slot for p in planned if not p.update],
+            previous=flight,
+            pending=pending,
+        )
+        stages = serve.sampling.stages
+        return _UnifiedFlight(scheduled, out.next_tokens, sampled, out, planned, stages)
+
+    def _plan(self, train: list, rows: dict[str, int], active: Sequence[JobRun]):
+        """Counts a step's rows and updates for each active job, as dispatched (they are
+        corrected if the step turns out non-finite for a job: ``_land_training``)."""
+        examples = {run.name: [] for run in active}
         for run, example in train:
-            rows[run.name] += len(example.tokens)
-        accumulate = [
-            run.slot for run in active if run._rows + rows[run.name] < run.job.batch_tokens
-        ]
-        # A paused job may hold micro-batches accumulated before it failed: they wait
-        # for resume_job, they are not applied by other jobs' steps.
-        accumulate += [run.slot for run in self.jobs.values() if run.paused]
+            examples[run.name].append(example)
+        planned = []
+        for run in active:
+            before = run._rows
+            run._rows += rows[run.name]
+            update = 0
+            if run._rows >= run.job.batch_tokens:
+                run._rows, run._planned = 0, run._planned + 1
+                update = run._planned
+            planned.append(_Planned(run, tuple(examples[run.name]), rows[run.name], before, update))
+        return tuple(planned)
+
+    def _run_unified(
+        self,
+        train: list,
+        serve: ServeRows,
+        *,
+        accumulate: Sequence[int] = (),
+        previous: _InFlight | _UnifiedFlight | None = None,
+        pending: PendingTokens | None = None,
+    ) -> StepOutput:
+        """Dispatches a unified step over ``train`` [(run, example)] and the serving rows:
+        slots in ``accumulate`` only accumulate; paused jobs' slots, and those the
+        ``previous`` unified step found non-finite, are halted; ``pending`` tokens come
+        from ``previous``."""
+        config = self.runtime_config
         batch = UnifiedBatch.pack_cached(
-            sequences,
+            [example.sequence(run.slot) for run, example in train],
             serve,
             num_train_rows=config.train_rows,
             max_train_seqs=config.max_train_seqs,
             num_slots=self.registry.num_slots,
             accumulate=accumulate,
+            halt=[run.slot for run in self.jobs.values() if run.paused],
             placement=self._placement,
         )
-        train, self._cache, out = self._step(
+        if isinstance(previous, _UnifiedFlight):
+            batch = batch.halting(previous.out.nonfinite)
+        if pending is not None:
+            batch = batch.with_pending(previous.next_tokens, pending)
+        state, self._cache, out = self._step(
             self._frozen_leaves.leaves, self._train_leaves.leaves, batch, self._cache
         )
-        self._train_leaves = Leaves(self._train_leaves.treedef, train)
+        self._train_leaves = Leaves(self._train_leaves.treedef, state)
         return out
+
+    def _land(self, flight: _InFlight | _UnifiedFlight) -> dict[str, int]:
+        if not isinstance(flight, _UnifiedFlight):
+            return super()._land(flight)
+        out = flight.out
+        next_tokens, loss, num_tokens, updated, nonfinite = jax.device_get(
+            (out.next_tokens, out.loss, out.num_tokens, out.updated, out.nonfinite)
+        )
+        self._land_training(flight.planned, loss, num_tokens, updated, nonfinite)
+        if flight.scheduled is None:
+            return {}
+        return self._commit(flight.scheduled, next_tokens, flight.sampled)
+
+    def _land_training(self, planned, loss, num_tokens, updated, nonfinite) -> None:
+        """Accounts a landed unified step's losses and updates to its jobs."""
+        for p in planned:
+            run, slot = p.run, p.run.slot
+            if run.paused:  # by a step before, after which this one halted its slot
+                run.give_back(p.examples)
+            elif nonfinite[slot]:  # its micro-batch was dropped
+                # What the optimizer holds: the update's earlier micro-batches, or none
+                # if it applied them; the steps dispatched after this one halt the slot.
+                run._rows = 0 if updated[slot] else p.rows_before
+                self._fail(run, float(loss[slot]), bool(updated[slot]))
+                run._planned = run.updates
+            else:
+                self._account(run, p.rows, float(loss[slot]), int(num_tokens[slot]), p.update)
+                self._landed_rows[run.name] = self._landed_rows.get(run.name, 0) + p.rows
 
     def _time(self, variant: tuple, seconds: float, jobs_active: bool) -> None:
         """Step-time bookkeeping for the policy: the moving average of warm unified steps
@@ -590,18 +742,18 @@ class Runtime(Engine):
                     progressing = True
         return packed, rows
 
-    def _account(self, run: JobRun, rows: int, loss: float, tokens: int) -> None:
+    def _account(self, run: JobRun, rows: int, loss: float, tokens: int, update: int) -> None:
+        """A landed micro-batch of ``run``: ``update`` is the update it completes, or 0."""
         run.trained_tokens += rows
-        run._rows += rows
         run._loss_sum += loss * tokens
         run._loss_tokens += tokens
-        if run._rows >= run.job.batch_tokens:
+        if update:
             self._finish_update(run)
 
     def _finish_update(self, run: JobRun) -> None:
         run.updates += 1
         mean = run._loss_sum / max(run._loss_tokens, 1)
-        run._rows, run._loss_sum, run._loss_tokens = 0, 0.0, 0
+        run._loss_sum, run._loss_tokens = 0.0, 0
         run.train_loss.append((run.updates, mean))
         self.metrics.train(run.name, run.updates, mean)
         if run.progress is not None:
@@ -657,6 +809,7 @@ class Runtime(Engine):
           ValueError: the job is not paused, or a hyperparameter value is not a number or
             overflows. Nothing changes then.
         """
+        self.land()
         run = self.jobs.get(name)
         if run is None:
             raise KeyError(f"no fine-tuning job {name!r}; jobs: {sorted(self.jobs)}")
@@ -707,6 +860,18 @@ class Runtime(Engine):
             total += float(losses[run.slot])
             count += int(counts[run.slot])
         return total / max(count, 1)
+
+
+def _variant(flight: _InFlight | _UnifiedFlight) -> tuple:
+    """A step's (kind, static parts): the unified step's sampler stages."""
+    if isinstance(flight, _UnifiedFlight):
+        return ("unified", flight.stages)
+    return ("serve", None)
+
+
+def _evaluates(flight: _InFlight | _UnifiedFlight) -> bool:
+    """Landing ``flight`` evaluates a job, on the weights of the update it completes."""
+    return isinstance(flight, _UnifiedFlight) and any(p.evaluates for p in flight.planned)
 
 
 def _merged(a: dict[str, int], b: dict[str, int]) -> dict[str, int]:

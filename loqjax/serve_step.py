@@ -160,7 +160,7 @@ class ServeBatch:
         in flight) in place of their placeholders, on the device."""
         # Stacked: one transfer, not one per array.
         stacked = np.stack(pending)
-        tokens, seen = _put_pending(self.tokens, self.sampling.seen, previous, stacked)
+        tokens, seen = put_pending(self.tokens, self.sampling.seen, previous, stacked)
         sampling = dataclasses.replace(self.sampling, seen=seen)
         return dataclasses.replace(self, tokens=tokens, sampling=sampling)
 
@@ -184,7 +184,7 @@ class PendingTokens(NamedTuple):
 
 
 @jax.jit
-def _put_pending(
+def put_pending(
     tokens: jax.Array, seen: jax.Array, previous: jax.Array, pending: jax.Array
 ) -> tuple[jax.Array, jax.Array]:
     """tokens int32 [T] and seen int32 [S, C] with the pending tokens of ``previous``

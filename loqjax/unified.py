@@ -59,7 +59,7 @@ from loqjax.loss import slot_sums, token_cross_entropy
 from loqjax.model import CausalLM
 from loqjax.optim import SlotOptimizer, SlotOptState
 from loqjax.sampling import SamplingBatch, sample
-from loqjax.serve_step import ServeRows
+from loqjax.serve_step import PendingTokens, ServeRows, put_pending
 from loqjax.split_forward import split_losses
 from pallas_kernels import token_slots
 
@@ -111,6 +111,10 @@ class UnifiedBatch:
         garbage rows; ignore their outputs).
       apply: bool [N], slots whose accumulated gradient is applied at this step; the
         others only accumulate.
+      halt: bool [N], slots the step leaves alone whatever their rows: nothing
+        accumulated or applied, their params and optimizer state bit-identical (a
+        paused job's; ``halting`` adds those an earlier step found non-finite, on the
+        device, so a step can be queued before that one is read back).
       pages: the serving rows' KV cache addressing (training rows write nothing), or
         None for a batch without a cache.
       sampling: the serving requests' sampling parameters, or None for greedy.
@@ -125,6 +129,7 @@ class UnifiedBatch:
     lora: LoraBatch
     sample_rows: jax.Array
     apply: jax.Array
+    halt: jax.Array
     pages: PageBatch | None = None
     sampling: SamplingBatch | None = None
     num_train_rows: int = dataclasses.field(default=0, metadata=dict(static=True))
@@ -141,6 +146,7 @@ class UnifiedBatch:
         num_samples: int,
         num_slots: int,
         accumulate: Sequence[int] = (),
+        halt: Sequence[int] = (),
         placement: jax.sharding.Sharding | None = None,
     ) -> UnifiedBatch:
         """Packs sequences back to back from row 0 and from row ``num_train_rows``; the
@@ -154,6 +160,7 @@ class UnifiedBatch:
           num_samples: static M, at least ``len(serve)``.
           num_slots: N of the adapter tables.
           accumulate: slots that only accumulate gradients at this step.
+          halt: slots the step leaves alone (``UnifiedBatch.halt``).
           placement: where the batch goes (``jax.device_put``); default the default
             device. On a device mesh, ``loqjax.sharding.replicated(mesh)``.
 
@@ -193,6 +200,7 @@ class UnifiedBatch:
             num_segments=num_segments,
             num_slots=num_slots,
             accumulate=accumulate,
+            halt=halt,
             placement=placement,
         )
 
@@ -206,6 +214,7 @@ class UnifiedBatch:
         max_train_seqs: int,
         num_slots: int,
         accumulate: Sequence[int] = (),
+        halt: Sequence[int] = (),
         placement: jax.sharding.Sharding | None = None,
     ) -> UnifiedBatch:
         """Training sequences from row 0, then the serving scheduler's chunks over the
@@ -217,7 +226,7 @@ class UnifiedBatch:
           num_train_rows: static n.
           max_train_seqs: static; with S, fixes the ``LoraBatch`` at
             ``max_train_seqs + 1 + S`` segments.
-          num_slots, accumulate, placement: as for ``pack``.
+          num_slots, accumulate, halt, placement: as for ``pack``.
 
         Raises:
           ValueError: sequences that do not fit, or bad slots or lengths.
@@ -238,10 +247,26 @@ class UnifiedBatch:
             num_segments=max_train_seqs + 1 + num_seqs,
             num_slots=num_slots,
             accumulate=accumulate,
+            halt=halt,
             pages=PageBatch(serve.page_tables, np.concatenate([dropped, serve.cache_slots])),
             sampling=serve.sampling,
             placement=placement,
         )
+
+    def halting(self, nonfinite: jax.Array) -> UnifiedBatch:
+        """This batch halting the slots of ``nonfinite`` (bool [N], an earlier step's
+        ``StepOutput.nonfinite``, still on the device) too."""
+        return dataclasses.replace(self, halt=self.halt | nonfinite)
+
+    def with_pending(self, previous: jax.Array, pending: PendingTokens) -> UnifiedBatch:
+        """This ``pack_cached`` batch with the pending serving tokens of ``previous`` (the
+        next tokens of the step in flight) in place of their placeholders, on the device
+        (as ``ServeBatch.with_pending``; ``pending`` indexes the serving rows)."""
+        source, token_rows, seen_cols = pending
+        shifted = np.stack([source, token_rows + self.num_train_rows, seen_cols])
+        tokens, seen = put_pending(self.tokens, self.sampling.seen, previous, shifted)
+        sampling = dataclasses.replace(self.sampling, seen=seen)
+        return dataclasses.replace(self, tokens=tokens, sampling=sampling)
 
 
 class _TrainRows(NamedTuple):
@@ -291,6 +316,7 @@ class _TrainRows(NamedTuple):
         num_segments: int,
         num_slots: int,
         accumulate: Sequence[int],
+        halt: Sequence[int],
         pages: PageBatch | None = None,
         sampling: SamplingBatch | None = None,
         placement: jax.sharding.Sharding | None = None,
@@ -313,6 +339,8 @@ class _TrainRows(NamedTuple):
         )
         apply = np.ones(num_slots, bool)
         apply[list(accumulate)] = False
+        halted = np.zeros(num_slots, bool)
+        halted[list(halt)] = True
         concat = np.concatenate
         return transfer.put(
             UnifiedBatch(
@@ -324,6 +352,7 @@ class _TrainRows(NamedTuple):
                 lora,
                 np.asarray(sample_rows, np.int32),
                 apply,
+                halted,
                 pages,
                 sampling,
                 num_train_rows,
@@ -498,8 +527,14 @@ def unified_step(
         backward=backward,
         all_serving_logits=all_serving_logits,
     )
+    # A halted slot has no tokens for the optimizer and applies nothing: it keeps its bits.
     params, opt, update = optimizer.update(
-        state.params, state.opt, grads, losses, counts, batch.apply
+        state.params,
+        state.opt,
+        grads,
+        losses,
+        jnp.where(batch.halt, 0, counts),
+        batch.apply & ~batch.halt,
     )
     next_logits = (
         serve_logits[batch.sample_rows - batch.num_train_rows]

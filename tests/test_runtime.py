@@ -85,7 +85,7 @@ def test_training_keeps_its_share_under_serving_load(trained):
     last_update = max(i for i, event in enumerate(log) if event["event"] == "train")
     steps = [event for event in log[: last_update + 2] if event["event"] == "step"]
     assert all(step["served"] for step in steps[1:])  # the first only prefills
-    training = sum(step["seconds"] for step in steps if step["trained"])
+    training = sum(step["seconds"] for step in steps if step["kind"] == "unified")
     assert training >= CONFIG.min_train_share * sum(step["seconds"] for step in steps)
     assert [e["update"] for e in log if e["event"] == "train"] == list(range(1, 11))
 
@@ -128,10 +128,10 @@ def test_warmup_runs_every_sampled_variant(trained, monkeypatch):
     assert {("unified", stages) for stages in mixes} <= runtime._ran
 
 
-def test_serving_steps_are_pipelined_and_a_unified_step_lands_them(trained, monkeypatch):
-    """A serving step's tokens are committed by the next call (it dispatches first); a
-    unified step commits the step in flight before it packs its own serving rows, and
-    the request's tokens are those it gets served alone."""
+def test_serving_and_unified_steps_are_pipelined(trained, monkeypatch):
+    """A step's tokens are committed by the next call, which dispatches first, its rows
+    taking them on the device: a serving step's and a unified step's alike; the
+    request's tokens are those it gets served alone."""
     runtime, *_ = trained
     handle = runtime.submit("copy: abc =>", sampling=greedy(5))
     runtime.step()  # dispatches the prefill: its token is still on the device
@@ -141,8 +141,10 @@ def test_serving_steps_are_pipelined_and_a_unified_step_lands_them(trained, monk
     job = FineTuneJob("lower", DATA_DIR / "upper.jsonl", LoraConfig(rank=4), steps=1)
     runtime.add_job(job)
     monkeypatch.setattr(runtime, "_wants_training", lambda now: True)
-    runtime.step()  # lands the decode step in flight, then trains and decodes one more
-    assert len(handle.output().token_ids) == 3 and runtime._in_flight is None
+    runtime.step()  # dispatches a unified step (training, and a decode), lands the decode
+    assert len(handle.output().token_ids) == 2 and runtime._in_flight.out is not None
+    runtime.step()  # another unified step lands the first
+    assert len(handle.output().token_ids) == 3
     monkeypatch.undo()
     runtime.run_until_idle()
     alone = runtime.submit("copy: abc =>", sampling=greedy(5)).result()

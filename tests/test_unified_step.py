@@ -334,6 +334,27 @@ def test_untouched_slots_stay_bit_identical(setup, applied):
         _assert_slot_bits_equal(second, first, slot)
 
 
+def test_halted_slots_stay_bit_identical(setup):
+    """A halted slot (``UnifiedBatch.halt``, or an earlier step's non-finite slots through
+    ``halting``) keeps every bit of its params and optimizer state, though it has rows
+    and would apply; the other slots train as in the same batch without the halt."""
+    all_rs, mlp = SLOT["all_rs"], SLOT["mlp"]
+    train = _mixed_train(setup)
+    _, plain, plain_out = setup.run(setup.fresh_state(), _batch(train))
+    fresh = jax.tree.map(np.asarray, setup.fresh_state())
+    halted = dataclasses.replace(_batch(train), halt=jnp.asarray(np.isin(SLOTS, [all_rs])))
+    earlier_nonfinite = jnp.asarray(np.isin(SLOTS, [mlp]))
+    _, state, out = setup.run(setup.fresh_state(), halted.halting(earlier_nonfinite))
+    assert out.updated.tolist() == [s in TRAINED and s not in (all_rs, mlp) for s in SLOTS]
+    assert not out.nonfinite.any()
+    for slot in SLOTS:
+        if slot in (all_rs, mlp):
+            _assert_slot_bits_equal(state, fresh, slot)
+        else:
+            _assert_slot_bits_equal(state, plain, slot)
+    np.testing.assert_array_equal(out.loss, plain_out.loss)  # still computed and reported
+
+
 def _by_hand(slot: int) -> optax.GradientTransformation:
     """What ``OPTIMIZER`` does to ``slot``, from plain optax."""
     return optax.chain(

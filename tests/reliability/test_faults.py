@@ -10,6 +10,7 @@ tests/test_checkpointing.py::test_a_save_killed_mid_write_leaves_the_previous_st
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 
@@ -99,7 +100,9 @@ class Traffic:
 def run_until(runtime: Runtime, done, traffic: Traffic | None, kept: dict, max_steps=400):
     """Steps (traffic submitted before each) until ``done()``; checks the page pool after
     every step and keeps each job's weights (``slot_bits``) after each of its updates,
-    in ``kept[name][update]``."""
+    in ``kept[name][update]``. Each step is landed at once, so that what the test reads
+    and writes between steps (updates, weights, poisoned moments) is that step's; the
+    pipelined runtime is test_a_pause_pipelined_equals_one_landed_step_by_step's."""
     for _ in range(max_steps):
         if done():
             return
@@ -107,6 +110,7 @@ def run_until(runtime: Runtime, done, traffic: Traffic | None, kept: dict, max_s
             traffic.submit()
         before = {name: run.updates for name, run in runtime.jobs.items()}
         assert runtime.step()
+        runtime.land()
         check_pages(runtime)
         for name, run in runtime.jobs.items():
             if run.updates != before[name]:
@@ -309,6 +313,75 @@ def test_a_failure_completing_an_update_then_the_slot_reused():
         runtime.unload_adapter("successor")
     TRIED["bad resume_job / replace_adapter / unload_adapter calls"] += 1
     run_until(runtime, lambda: successor.updates >= 3, None, kept)
+
+
+def _poison_targets(runtime: Runtime, slot: int, dispatch: int) -> None:
+    """Makes the ``dispatch``-th unified step's training targets of ``slot`` out of the
+    vocabulary: that one micro-batch's loss is NaN (a transient fault)."""
+    step, calls = runtime._step, []
+    vocab = runtime.model_config.vocab_size
+
+    def poisoned(frozen, state, batch, cache):
+        calls.append(batch)
+        if len(calls) == dispatch:
+            ends = np.asarray(batch.lora.seg_ends)
+            rows = np.repeat(np.asarray(batch.lora.seg_slots), np.diff(ends, prepend=0))
+            mine = np.flatnonzero(rows[: batch.num_train_rows] == slot)
+            assert mine.size
+            batch = dataclasses.replace(batch, targets=batch.targets.at[mine].set(vocab))
+        return step(frozen, state, batch, cache)
+
+    runtime._step = poisoned
+
+
+def _pause_and_resume(runtime: Runtime, step) -> dict:
+    """HEALTHY, its third micro-batch poisoned, and BLOWUP trained with ``step()`` until
+    both pause, then resumed (BLOWUP from its initial weights) to their ends; what came
+    of them."""
+    runs = {job.name: runtime.add_job(job) for job in (HEALTHY, BLOWUP)}
+    _poison_targets(runtime, runs["healthy"].slot, dispatch=3)
+    runtime.sync_model()
+    initial = runtime.registry.export("blowup")
+    while not all(run.paused for run in runs.values()):
+        assert step()
+    runtime.land()
+    paused = {name: (run.updates, run.failure) for name, run in runs.items()}
+    paused_bits = {name: slot_bits(runtime, run.slot) for name, run in runs.items()}
+    runtime.replace_adapter("blowup", initial)
+    runtime.resume_job("blowup", learning_rate=1e-3)
+    runtime.resume_job("healthy")
+    while step():
+        pass
+    runtime.land()
+    return dict(
+        paused=paused,
+        paused_bits=paused_bits,
+        losses={name: run.train_loss + run.eval_loss for name, run in runs.items()},
+        weights={name: slot_bits(runtime, run.slot) for name, run in runs.items()},
+    )
+
+
+def test_a_pause_pipelined_equals_one_landed_step_by_step():
+    """Pipelined, the step after a job's non-finite one is dispatched before the host
+    knows of it: it halts the job's slot on the device, and its example goes back to the
+    job. So a pause keeps the same weights bit for bit, with the same message, as with
+    every step landed at once; and resumed, the jobs train the same examples to the same
+    weights (to rounding: other rows in the batch change the summation order). HEALTHY's
+    fault is transient (one poisoned micro-batch), so its next one is finite: without the
+    halt, that step would update it."""
+    runtime = make_runtime()
+    landed = _pause_and_resume(runtime, lambda: runtime.step() and (runtime.land() or True))
+    runtime = make_runtime()
+    pipelined = _pause_and_resume(runtime, runtime.step)
+    assert pipelined["paused"] == landed["paused"]
+    assert landed["paused"]["healthy"][0] == 2 and landed["paused"]["blowup"][0] == 1
+    for name in ("healthy", "blowup"):
+        assert same_bits(pipelined["paused_bits"][name], landed["paused_bits"][name])
+        ours, theirs = pipelined["losses"][name], landed["losses"][name]
+        assert [u for u, _ in ours] == [u for u, _ in theirs]
+        np.testing.assert_allclose([x for _, x in ours], [x for _, x in theirs], rtol=1e-6)
+        for a, b in zip(pipelined["weights"][name], landed["weights"][name], strict=True):
+            np.testing.assert_allclose(a.view(np.float32), b.view(np.float32), atol=1e-6)
 
 
 def test_a_burst_beyond_the_page_pool_preempts_and_completes_everything(alone):
