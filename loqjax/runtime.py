@@ -241,6 +241,7 @@ class _UnifiedFlight(NamedTuple):
     out: StepOutput
     planned: tuple[_Planned, ...]
     stages: SamplingStages
+    dispatched_at: float  # on the runtime's clock
 
 
 DEFAULT_OPTIMIZER = SlotOptimizer()
@@ -580,6 +581,10 @@ class Runtime(Engine):
         ]
         share = self._train_seconds / self._active_seconds if self._active_seconds else 0.0
         predicted = self._unified_seconds if deadlines else None
+        if predicted is not None and isinstance(flight, _UnifiedFlight):
+            # A step dispatched now runs after the unified step in flight, and its tokens
+            # land after both.
+            predicted += max(0.0, flight.dispatched_at + predicted - now)
         return self.policy.train_now(deadlines, now, predicted, share)
 
     def _serve_rows(
@@ -617,7 +622,9 @@ class Runtime(Engine):
             pending=pending,
         )
         stages = serve.sampling.stages
-        return _UnifiedFlight(scheduled, out.next_tokens, sampled, out, planned, stages)
+        return _UnifiedFlight(
+            scheduled, out.next_tokens, sampled, out, planned, stages, self.clock()
+        )
 
     def _plan(self, train: list, rows: dict[str, int], active: Sequence[JobRun]):
         """Counts a step's rows and updates for each active job, as dispatched (they are
