@@ -11,15 +11,16 @@ fine-tune adapters. Before each step the ``StepPolicy`` decides whether it train
   take their gradients, all in one jitted call;
 * a serving step is the engine's step, at its token buckets.
 
-Both kinds are pipelined as ``Engine.step``'s serving steps are: a call packs and
-dispatches its step before it reads back the step before, whose sampled tokens reach the
-new step's rows on the device (the policy's deadlines count the tokens in flight). The
-host keeps each job's rows and updates as dispatched, so it can plan the next step's
-examples and updates before the last one's losses are back, and ``land`` reads back and
-commits the step in flight. A step in flight whose landing evaluates a job (at its
+Serving steps are pipelined as ``Engine.step``'s are: a call packs and dispatches its
+step before it reads back the step before, whose sampled tokens reach the new step's rows
+on the device (the policy's deadlines count the tokens in flight). Unified steps are
+pipelined so too while no request is in flight (``RuntimeConfig.pipeline``): the host
+keeps each job's rows and updates as dispatched, so it can plan the next step's examples
+and updates before the last one's losses are back, and ``land`` reads back and commits
+the step in flight. A step in flight whose landing evaluates a job (at its
 ``eval_every`` updates and its last) is landed before the next is dispatched, so the
-held-out loss is that of the weights of its update. With ``RuntimeConfig(pipeline=False)``
-every unified step lands the step before it and runs to the end.
+held-out loss is that of the weights of its update. Unpipelined, a unified step lands the
+step before it, then runs to the end.
 
 With no request in flight a training step is the same unified step, its serving rows
 padding: one compiled training step in all (per set of sampler stages of its serving
@@ -110,10 +111,14 @@ class RuntimeConfig:
       min_train_share: share of step time fine-tuning keeps under any serving load.
       slo: TTFT/TPOT targets.
       backward: the unified step's backward strategy (see ``loqjax.unified``).
-      pipeline: dispatch each step before reading back the one before (see above);
-        False makes every unified step run to the end, as a step that reads its results
-        at once does (the Llama-3-8B fine-tuning step of RESULTS.md's runs 30-31 took
-        0.161 s so, 0.142 s pipelined).
+      pipeline: when a unified step is dispatched before the step before it is read
+        back (see above): "no_requests" (default) while no request is in flight, so
+        fine-tuning alone overlaps the host's work with the device's (2 jobs of the
+        Llama-3-8B shape on an H200: 9,385 -> 11,922 tok/s, RESULTS.md runs 28 and 36),
+        and a step under serving load commits its tokens as soon as it ends; "always"
+        under load too (run 36: 13-15% more fine-tuning under load, but each token
+        waits for the next step's dispatch: TPOT p99 45.1-45.5 ms against a 45 ms SLO,
+        80-91% attainment); "never".
     """
 
     serving: EngineConfig = EngineConfig(
@@ -125,9 +130,13 @@ class RuntimeConfig:
     min_train_share: float = 0.25
     slo: SloTargets = SloTargets()
     backward: Backward = "save"
-    pipeline: bool = True
+    pipeline: Literal["no_requests", "always", "never"] = "no_requests"
 
     def __post_init__(self):
+        if self.pipeline not in ("no_requests", "always", "never"):
+            raise ValueError(
+                f"pipeline must be 'no_requests', 'always' or 'never', got {self.pipeline!r}"
+            )
         if self.train_rows < 1 or self.max_train_seqs < 1:
             raise ValueError("train_rows and max_train_seqs must be >= 1")
         serve_rows = self.serve_rows
@@ -521,11 +530,12 @@ class Runtime(Engine):
         """One step; False when there was nothing to do.
 
         Dispatches a unified or a serving step, then lands the step that was in flight
-        (see the module docstring); with ``pipeline=False`` a unified step lands the step
-        before it first and itself at the end. The call's time is charged to the step it
-        landed, whose device time it waited for (but for a first run's compile)."""
+        (see the module docstring); unpipelined, a unified step lands the step before it
+        first and itself at the end. The call's time is charged to the step it landed,
+        whose device time it waited for (but for a first run's compile)."""
         start = step_start = self.clock()
-        pipeline = self.runtime_config.pipeline
+        mode = self.runtime_config.pipeline
+        pipeline = mode == "always" or (mode == "no_requests" and not self._requests)
         active = [run for run in self.jobs.values() if run.status == "running"]
         active = [run for run in active if run._planned < run.total_updates]
         train, scheduled, rows, landed = [], None, {}, False

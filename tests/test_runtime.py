@@ -1,6 +1,7 @@
 """The unified runtime on the default model: a job trains under continuous serving load,
 its adapter is served mid-training and after, and datasets fail clearly."""
 
+import dataclasses
 import json
 import types
 from pathlib import Path
@@ -128,11 +129,14 @@ def test_warmup_runs_every_sampled_variant(trained, monkeypatch):
     assert {("unified", stages) for stages in mixes} <= runtime._ran
 
 
-def test_serving_and_unified_steps_are_pipelined(trained, monkeypatch):
-    """A step's tokens are committed by the next call, which dispatches first, its rows
-    taking them on the device: a serving step's and a unified step's alike; the
+@pytest.mark.parametrize("pipeline", ["no_requests", "always"])
+def test_serving_and_unified_steps_are_pipelined(trained, monkeypatch, pipeline):
+    """A serving step's tokens are committed by the next call, which dispatches first, its
+    rows taking them on the device. A unified step under serving load lands the step in
+    flight and then itself (by default), or is pipelined alike ("always"). Either way the
     request's tokens are those it gets served alone."""
     runtime, *_ = trained
+    monkeypatch.setattr(runtime, "runtime_config", dataclasses.replace(CONFIG, pipeline=pipeline))
     handle = runtime.submit("copy: abc =>", sampling=greedy(5))
     runtime.step()  # dispatches the prefill: its token is still on the device
     assert handle.output().token_ids == () and runtime._in_flight is not None
@@ -141,14 +145,17 @@ def test_serving_and_unified_steps_are_pipelined(trained, monkeypatch):
     job = FineTuneJob("lower", DATA_DIR / "upper.jsonl", LoraConfig(rank=4), steps=1)
     runtime.add_job(job)
     monkeypatch.setattr(runtime, "_wants_training", lambda now: True)
-    runtime.step()  # dispatches a unified step (training, and a decode), lands the decode
-    assert len(handle.output().token_ids) == 2 and runtime._in_flight.out is not None
-    runtime.step()  # another unified step lands the first
+    runtime.step()  # a unified step (training, and a decode)
+    if pipeline == "always":  # landed the decode step; its own token is in flight
+        assert len(handle.output().token_ids) == 2 and runtime._in_flight.out is not None
+        runtime.step()  # another unified step lands it
     assert len(handle.output().token_ids) == 3
-    monkeypatch.undo()
+    assert pipeline == "always" or runtime._in_flight is None
+    monkeypatch.setattr(runtime, "_wants_training", Runtime._wants_training.__get__(runtime))
     runtime.run_until_idle()
     alone = runtime.submit("copy: abc =>", sampling=greedy(5)).result()
     assert handle.result().token_ids == alone.token_ids
+    runtime.unload_adapter("lower")  # its slot, for the next parameter
 
 
 def test_dataset_errors_name_the_line(tmp_path):

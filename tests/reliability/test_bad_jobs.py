@@ -1,6 +1,7 @@
 """Bad fine-tuning input raises clearly and changes nothing: junk JSONL datasets and
 records (hypothesis), a second job for an adapter being trained, and bad runtime requests."""
 
+import dataclasses
 import json
 
 import pytest
@@ -19,7 +20,7 @@ from loqjax import (
 )
 from loqjax.jobs import load_records
 
-from _reliability import TRIED, make_runtime, table_snapshot
+from _reliability import RUNTIME_CONFIG, TRIED, make_runtime, table_snapshot
 
 SETTINGS = settings(
     max_examples=60,
@@ -150,3 +151,17 @@ def test_bad_runtime_requests(runtime):
     for args, error, match in BAD_RUNTIME_REQUESTS.values():
         TRIED["explicit bad runtime requests"] += 1
         _unchanged(runtime, lambda a=args: runtime.submit(*a), error, match)
+
+
+@pytest.mark.parametrize(
+    "fields, match",
+    [
+        (dict(pipeline="sometimes"), "pipeline must be 'no_requests', 'always' or 'never'"),
+        (dict(train_rows=0), "train_rows and max_train_seqs must be >= 1"),
+        (dict(unified_serve_rows=1), r"unified_serve_rows=1 must be in \[max_seqs"),
+    ],
+)
+def test_bad_runtime_config(fields, match):
+    with pytest.raises(ValueError, match=match):
+        dataclasses.replace(RUNTIME_CONFIG, **fields)
+    TRIED["explicit bad runtime configs"] += 1
