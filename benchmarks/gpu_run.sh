@@ -4,9 +4,9 @@
 #   benchmarks/gpu_run.sh tests lora_decode finetune     # any of the phases below, in order
 # Phases: info, tests, e2e, lora_decode, decode_step, decode_concurrent, decode_phases,
 # decode_phases_nocmdbuf, decode_hlo, decode_nocmdbuf, decode_two_kernel, flash, flash_sweep,
-# finetune, finetune_schedules, finetune_sync, finetune4_backward, finetune4_recompute, loss_memory,
-# host_dispatch, finetune_profile, finetune4, inference, peft, unified, scaling, scaling_1gpu,
-# save_cache.
+# finetune, finetune_schedules, finetune_sync, finetune4_backward, finetune4_recompute,
+# finetune4_memory_report, loss_memory, host_dispatch, finetune_profile, finetune4, inference,
+# peft, unified, scaling, scaling_1gpu, save_cache.
 #
 # "scaling" runs bench_scaling.py on every mesh the host has devices for (1, 2, 4, 8
 # GPUs; NCCL_NVLS_ENABLE=0 below) after its check; a call has 10 minutes, so a multi-GPU
@@ -71,6 +71,11 @@ for p in "$@"; do
       --backward recompute save --sync each lagged --out "$OUT/finetune4_backward.jsonl" ;;
     finetune4_recompute) phase finetune4_recompute 330 python3 benchmarks/bench_finetune.py --adapters 4 --steps 4 \
       --backward recompute --sync each lagged --out "$OUT/finetune4_recompute.jsonl" ;;
+    finetune4_memory_report)  # the same, with XLA's memory-usage report of the step (run 34)
+      phase finetune4_memory_report 330 env XLA_FLAGS="--xla_dump_to=/tmp/dump --xla_dump_hlo_as_text" \
+        python3 benchmarks/bench_finetune.py --adapters 4 --steps 4 --backward recompute \
+        --sync each lagged --out "$OUT/finetune4_memory_report.jsonl"
+      gzip -c "$(ls -S /tmp/dump/*jit_call*memory-usage-report.txt | head -1)" >"$OUT/memory_usage_report.txt.gz" ;;
     decode_two_kernel) phase decode_two_kernel 120 python3 benchmarks/bench_decode_step.py --paths two-kernel \
       --out "$OUT/decode_two_kernel.jsonl" ;;
     loss_memory) phase loss_memory 120 python3 benchmarks/bench_loss_memory.py --time --out "$OUT/loss_memory.jsonl" ;;

@@ -56,13 +56,19 @@ def inference() -> Path:
 
 
 def finetune() -> Path:
-    # 1 adapter: run 31; 4 adapters: run 32 (both backward strategies). "each" reads the
+    # 1 adapter: run 31; 4 adapters: run 32 saving the activations, run 34 recomputing them
+    # (with the chunked loss and the recompute tied to the cotangent). "each" reads the
     # losses every step, "lagged" one step late (PEFT's timed loop reads none).
+    runs = {
+        "finetune_run7_attention.jsonl": ("save",),
+        "finetune_run8_4adapters_backward.jsonl": ("save",),
+        "finetune_run10_4adapters_barrier.jsonl": ("recompute",),
+    }
     ours = [
         r
-        for name in ("finetune_run7_attention.jsonl", "finetune_run8_4adapters_backward.jsonl")
+        for name, backward in runs.items()
         for r in rows(name)
-        if "tokens_per_s" in r
+        if "tokens_per_s" in r and r["backward"] in backward
     ]
     peft = next(r for r in rows("peft.jsonl") if r["benchmark"] == "train")
     labels = [
