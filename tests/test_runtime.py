@@ -132,9 +132,10 @@ def test_warmup_runs_every_sampled_variant(trained, monkeypatch):
 @pytest.mark.parametrize("pipeline", ["no_requests", "always"])
 def test_serving_and_unified_steps_are_pipelined(trained, monkeypatch, pipeline):
     """A serving step's tokens are committed by the next call, which dispatches first, its
-    rows taking them on the device. A unified step under serving load lands the step in
-    flight and then itself (by default), or is pipelined alike ("always"). Either way the
-    request's tokens are those it gets served alone."""
+    rows taking them on the device. A unified step under serving load lands the serving
+    step in flight first, then itself (by default), or is pipelined ("always": its token
+    is committed by the next call). Either way the request's tokens are those it gets
+    served alone."""
     runtime, *_ = trained
     monkeypatch.setattr(runtime, "runtime_config", dataclasses.replace(CONFIG, pipeline=pipeline))
     handle = runtime.submit("copy: abc =>", sampling=greedy(5))
