@@ -63,9 +63,11 @@ def test_engine_generates_alike(models):
     assert outputs["pallas"] == outputs["reference"]
 
 
-def test_unified_step_over_the_cache_alike(models):
+@pytest.mark.parametrize("backward", ["save", "recompute"])
+def test_unified_step_over_the_cache_alike(models, backward):
     """Training rows through the packed kernel and serving rows through the paged one give
-    the reference's losses, gradients and serving logits."""
+    the reference's losses, gradients and serving logits, with either backward strategy
+    (the reference saving its activations)."""
     results = {}
     for impl, (model, _) in models.items():
         graphdef, frozen, params = split_model(model)
@@ -81,8 +83,10 @@ def test_unified_step_over_the_cache_alike(models):
             train, rows, num_train_rows=32, max_train_seqs=4, num_slots=2
         )
 
-        def loss(params, batch=batch, graphdef=graphdef, frozen=frozen, cache=cache):
-            return slot_losses(graphdef, frozen, params, batch, cache)
+        strategy = backward if impl == "pallas" else "save"
+
+        def loss(params, batch=batch, graphdef=graphdef, frozen=frozen, cache=cache, b=strategy):
+            return slot_losses(graphdef, frozen, params, batch, cache, backward=b)
 
         (_, (losses, _, serve_logits, _)), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(
             params
