@@ -31,7 +31,9 @@ Two backward strategies, a static choice of the step:
   recomputes the training rows in the backward, so serving rows cost no backward work
   and no saved activation at all, for ~50% more forward matmuls; and the training rows'
   logits are made a chunk of rows at a time (``loqjax.loss.head_token_losses``): the
-  choice when activations do not fit.
+  choice when activations do not fit. Four Llama-3-8B adapters trained at once (4 x 2 x
+  1024 tokens) on an H200 peaked at 21.3 GiB so, against 59.7 GiB saving, at 0.77x the
+  tokens/s (benchmarks/RESULTS.md, runs 32 and 34).
 
 The training loss of slot s is the mean token cross-entropy over the loss-masked rows of
 its sequences; with gradient accumulation, over those of all its micro-batches since its
