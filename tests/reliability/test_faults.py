@@ -370,9 +370,15 @@ def test_a_pause_pipelined_equals_one_landed_step_by_step():
     fault is transient (one poisoned micro-batch), so its next one is finite: without the
     halt, that step would update it."""
     runtime = make_runtime()
-    landed = _pause_and_resume(runtime, lambda: runtime.step() and (runtime.land() or True))
-    runtime = make_runtime()
-    pipelined = _pause_and_resume(runtime, runtime.step)
+
+    def step_and_land() -> bool:
+        stepped = runtime.step()
+        runtime.land()
+        return stepped
+
+    landed = _pause_and_resume(runtime, step_and_land)
+    pipelined_runtime = make_runtime()
+    pipelined = _pause_and_resume(pipelined_runtime, pipelined_runtime.step)
     assert pipelined["paused"] == landed["paused"]
     assert landed["paused"]["healthy"][0] == 2 and landed["paused"]["blowup"][0] == 1
     for name in ("healthy", "blowup"):
