@@ -251,7 +251,10 @@ class _UnifiedFlight(NamedTuple):
     out: StepOutput
     planned: tuple[_Planned, ...]
     stages: SamplingStages
-    dispatched_at: float  # on the runtime's clock
+    # When its time starts, on the runtime's clock: its call's start (after landing the
+    # step before, or compiling), or the landing of the unified step queued before it.
+    started_at: float = 0.0
+    timed: bool = False  # its time goes into the policy's average (compiled before)
 
 
 DEFAULT_OPTIMIZER = SlotOptimizer()
@@ -338,7 +341,8 @@ class Runtime(Engine):
         leaves_of = (self._frozen_leaves.treedef, self._train_leaves.treedef)
         self._step = _unified_step(self._graphdef, self.optimizer, backward, leaves_of)
         self._losses = _eval_losses(self._graphdef)
-        self._unified_seconds: float | None = None  # moving average of warm unified steps
+        # Moving average of unified steps' times, from their start to their landing.
+        self._unified_seconds: float | None = None
         self._ran: set[tuple] = set()  # step variants run at least once (compiled)
         self._train_seconds = 0.0  # step time while jobs were active, training / all
         self._active_seconds = 0.0
@@ -559,13 +563,17 @@ class Runtime(Engine):
             serve = self._serve_rows(scheduled or ScheduledStep((), ()))
             flight = self._dispatch_unified(train, rows, scheduled, serve, active)
             dispatched = _variant(flight)
-            if dispatched not in self._ran:  # compiled: not part of any step's time
+            timed = dispatched in self._ran
+            if not timed:  # compiled: not part of any step's time
                 now = self.clock()
                 self._time(dispatched, now - step_start, True)
                 step_start = now
-            previous, self._in_flight = self._in_flight, flight
+            previous = self._in_flight
+            self._in_flight = flight._replace(started_at=step_start, timed=timed)
             if previous is not None:
                 self._merge_landed(self._land(previous))
+                if isinstance(previous, _UnifiedFlight):  # the device goes on to this one
+                    self._in_flight = self._in_flight._replace(started_at=self.clock())
             if not pipeline:
                 self.land()
             charged = _variant(previous if pipeline and previous is not None else flight)
@@ -599,7 +607,7 @@ class Runtime(Engine):
         if predicted is not None and isinstance(flight, _UnifiedFlight):
             # A step dispatched now runs after the unified step in flight, and its tokens
             # land after both.
-            predicted += max(0.0, flight.dispatched_at + predicted - now)
+            predicted += max(0.0, flight.started_at + predicted - now)
         return self.policy.train_now(deadlines, now, predicted, share)
 
     def _serve_rows(
@@ -637,9 +645,7 @@ class Runtime(Engine):
             pending=pending,
         )
         stages = serve.sampling.stages
-        return _UnifiedFlight(
-            scheduled, out.next_tokens, sampled, out, planned, stages, self.clock()
-        )
+        return _UnifiedFlight(scheduled, out.next_tokens, sampled, out, planned, stages)
 
     def _plan(self, train: list, rows: dict[str, int], active: Sequence[JobRun]):
         """Counts a step's rows and updates for each active job, as dispatched (they are
@@ -699,6 +705,9 @@ class Runtime(Engine):
         next_tokens, loss, num_tokens, updated, nonfinite = jax.device_get(
             (out.next_tokens, out.loss, out.num_tokens, out.updated, out.nonfinite)
         )
+        if flight.timed:
+            seconds, previous = self.clock() - flight.started_at, self._unified_seconds
+            self._unified_seconds = seconds if previous is None else 0.7 * previous + 0.3 * seconds
         self._land_training(flight.planned, loss, num_tokens, updated, nonfinite)
         if flight.scheduled is None:
             return {}
@@ -721,13 +730,10 @@ class Runtime(Engine):
                 self._landed_rows[run.name] = self._landed_rows.get(run.name, 0) + p.rows
 
     def _time(self, variant: tuple, seconds: float, jobs_active: bool) -> None:
-        """Step-time bookkeeping for the policy: the moving average of warm unified steps
-        and fine-tuning's share of step time. ``variant`` is (kind, its static parts): a
-        variant's first step compiles it, which the average must not see."""
+        """Fine-tuning's share of step time, for the policy. ``variant`` is (kind, its
+        static parts); the unified steps' times are taken as they land (``_land``), but
+        for a variant's first, which compiles it."""
         kind = variant[0]
-        if kind == "unified" and variant in self._ran:
-            previous = self._unified_seconds
-            self._unified_seconds = seconds if previous is None else 0.7 * previous + 0.3 * seconds
         self._ran.add(variant)
         if jobs_active:
             self._active_seconds += seconds
