@@ -154,6 +154,12 @@ def main(argv=None):
     parser.add_argument("--alone", type=float, default=None, help="fine-tuning alone (s)")
     parser.add_argument("--min-train-share", type=float, default=0.3)
     parser.add_argument("--backward", default="save", choices=["save", "recompute"])
+    parser.add_argument(
+        "--pipeline",
+        default="no_requests",
+        choices=["no_requests", "always", "never"],
+        help="RuntimeConfig.pipeline",
+    )
     parser.add_argument("--out", default=None, help="append JSON rows to this file")
     args = parser.parse_args(argv)
     duration = args.duration or (6.0 if args.tiny else 30.0)
@@ -181,6 +187,7 @@ def main(argv=None):
             min_train_share=args.min_train_share,
             slo=SLO,
             backward=args.backward,
+            pipeline=args.pipeline,
         ),
         optimizer=SlotOptimizer(adamw(2e-5)),
         progress=False,
