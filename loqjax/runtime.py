@@ -117,7 +117,7 @@ class RuntimeConfig:
         fine-tuning alone overlaps the host's work with the device's (2 jobs of the
         Llama-3-8B shape on an H200: 9,385 -> 11,922 tok/s, RESULTS.md runs 28 and 36),
         and a step under serving load commits its tokens as soon as it ends; "always"
-        under load too (run 36: 13-15% more fine-tuning under load, but the policy's
+        under load too (run 36: 13-14% more fine-tuning under load, but the policy's
         timing of pipelined steps is not exact: TPOT p99 45.1-45.5 ms against a 45 ms
         SLO, 80-91% attainment); "never".
     """
