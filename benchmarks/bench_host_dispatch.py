@@ -13,6 +13,8 @@ and times, per call until it returns (the work itself is one addition per array)
   unified step does;
 * ``leaves_in``: the same arrays in, one scalar out (what the outputs cost is the
   difference);
+* ``leaves_kept``: as ``leaves``, but nothing donated (what donating costs is the
+  difference);
 * ``flat``: the state as one flat buffer per dtype, donated in and out, the frozen leaves in.
 
 The device's own work is not timed: it runs after the call returns.
@@ -78,6 +80,7 @@ def main(argv=None):
 
     leaves = jax.jit(lambda fr, st: [bump(x) for x in st], donate_argnums=1)
     leaves_in = jax.jit(lambda fr, st: sum(x.ravel()[0].astype(jnp.float32) for x in st))
+    leaves_kept = jax.jit(lambda fr, st: [bump(x) for x in st])
     dtypes = sorted({x.dtype for x in state}, key=str)
     flat_state = [jnp.concatenate([x.ravel() for x in state if x.dtype == d]) for d in dtypes]
     flat = jax.jit(lambda fr, st: [bump(x) for x in st], donate_argnums=1)
@@ -86,6 +89,7 @@ def main(argv=None):
     variants = [
         ("leaves", leaves, [jnp.copy(x) for x in state], True),
         ("leaves_in", leaves_in, state, False),
+        ("leaves_kept", leaves_kept, state, False),
         ("flat", flat, flat_state, True),
     ]
     for name, step, arrays, donated in variants:
