@@ -158,10 +158,7 @@ class ServeBatch:
     def with_pending(self, previous: jax.Array, pending: PendingTokens) -> ServeBatch:
         """This batch with the pending tokens of ``previous`` (the next tokens of the step
         in flight) in place of their placeholders, on the device."""
-        # Stacked: one transfer, not one per array.
-        stacked = np.stack(pending)
-        tokens, seen = put_pending(self.tokens, self.sampling.seen, previous, stacked)
-        sampling = dataclasses.replace(self.sampling, seen=seen)
+        tokens, sampling = pending_into(self.tokens, self.sampling, previous, pending)
         return dataclasses.replace(self, tokens=tokens, sampling=sampling)
 
 
@@ -183,8 +180,24 @@ class PendingTokens(NamedTuple):
     seen_cols: np.ndarray
 
 
+def pending_into(
+    tokens: jax.Array,
+    sampling: SamplingBatch,
+    previous: jax.Array,
+    pending: PendingTokens,
+    first_row: int = 0,
+) -> tuple[jax.Array, SamplingBatch]:
+    """Packed tokens [T] and their rows' sampling parameters with the pending tokens of
+    ``previous`` (the next tokens of the step in flight) written in, on the device;
+    ``pending.token_rows`` count from row ``first_row`` of ``tokens``."""
+    # Stacked: one transfer, not one per array.
+    stacked = np.stack([pending.source, pending.token_rows + first_row, pending.seen_cols])
+    tokens, seen = _put_pending(tokens, sampling.seen, previous, stacked)
+    return tokens, dataclasses.replace(sampling, seen=seen)
+
+
 @jax.jit
-def put_pending(
+def _put_pending(
     tokens: jax.Array, seen: jax.Array, previous: jax.Array, pending: jax.Array
 ) -> tuple[jax.Array, jax.Array]:
     """tokens int32 [T] and seen int32 [S, C] with the pending tokens of ``previous``

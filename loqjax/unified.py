@@ -61,7 +61,7 @@ from loqjax.loss import slot_sums, token_cross_entropy
 from loqjax.model import CausalLM
 from loqjax.optim import SlotOptimizer, SlotOptState
 from loqjax.sampling import SamplingBatch, sample
-from loqjax.serve_step import PendingTokens, ServeRows, put_pending
+from loqjax.serve_step import PendingTokens, ServeRows, pending_into
 from loqjax.split_forward import split_losses
 from pallas_kernels import token_slots
 
@@ -264,10 +264,9 @@ class UnifiedBatch:
         """This ``pack_cached`` batch with the pending serving tokens of ``previous`` (the
         next tokens of the step in flight) in place of their placeholders, on the device
         (as ``ServeBatch.with_pending``; ``pending`` indexes the serving rows)."""
-        source, token_rows, seen_cols = pending
-        shifted = np.stack([source, token_rows + self.num_train_rows, seen_cols])
-        tokens, seen = put_pending(self.tokens, self.sampling.seen, previous, shifted)
-        sampling = dataclasses.replace(self.sampling, seen=seen)
+        tokens, sampling = pending_into(
+            self.tokens, self.sampling, previous, pending, first_row=self.num_train_rows
+        )
         return dataclasses.replace(self, tokens=tokens, sampling=sampling)
 
 
