@@ -196,6 +196,10 @@ class JobRun:
     def done(self) -> bool:
         return self.updates >= self.total_updates
 
+    def evaluates_at(self, update: int) -> bool:
+        """The job is evaluated after ``update``: every ``eval_every`` and at its last."""
+        return update >= self.total_updates or update % self.job.eval_every == 0
+
     @property
     def paused(self) -> bool:
         return self.failure is not None
@@ -235,10 +239,7 @@ class _Planned(NamedTuple):
     @property
     def evaluates(self) -> bool:
         """Landing this step evaluates the job."""
-        job = self.run.job
-        return self.update > 0 and (
-            self.update >= self.run.total_updates or self.update % job.eval_every == 0
-        )
+        return self.update > 0 and self.run.evaluates_at(self.update)
 
 
 class _UnifiedFlight(NamedTuple):
@@ -787,7 +788,7 @@ class Runtime(Engine):
         if run.progress is not None:
             run.progress.update()
             run.progress.set_postfix(loss=f"{mean:.3f}")
-        if run.done or run.updates % run.job.eval_every == 0:
+        if run.evaluates_at(run.updates):
             self._evaluate(run)
         if run.done and run.progress is not None:
             run.progress.close()
