@@ -156,7 +156,7 @@ def main(argv=None):
     parser.add_argument("--backward", default="save", choices=["save", "recompute"])
     parser.add_argument(
         "--pipeline",
-        default="no_requests",
+        default="always",
         choices=["no_requests", "always", "never"],
         help="RuntimeConfig.pipeline",
     )

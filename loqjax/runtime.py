@@ -14,14 +14,13 @@ fine-tune adapters. Before each step the ``StepPolicy`` decides whether it train
 Serving steps are pipelined as ``Engine.step``'s are: a call packs and dispatches its
 step before it reads back the step before, whose sampled tokens reach the new step's rows
 on the device (the policy's deadlines count the tokens in flight). A unified step after a
-unified step is pipelined so too while no request is in flight
-(``RuntimeConfig.pipeline``); a serving step in flight is landed before a unified step is
-packed. The host keeps each job's rows and updates as dispatched, so it can plan the next
-step's examples and updates before the last one's losses are back, and ``land`` reads
-back and commits the step in flight. A step in flight whose landing evaluates a job (at
-its ``eval_every`` updates and its last) is landed before the next is dispatched, so the
-held-out loss is that of the weights of its update. Unpipelined, a unified step lands the
-step before it, then runs to the end.
+unified step is pipelined so too (``RuntimeConfig.pipeline``); a serving step in flight
+is landed before a unified step is packed. The host keeps each job's rows and updates as
+dispatched, so it can plan the next step's examples and updates before the last one's
+losses are back, and ``land`` reads back and commits the step in flight. A step in
+flight whose landing evaluates a job (at its ``eval_every`` updates and its last) is
+landed before the next is dispatched, so the held-out loss is that of the weights of its
+update. Unpipelined, a unified step lands the step before it, then runs to the end.
 
 With no request in flight a training step is the same unified step, its serving rows
 padding: one compiled training step in all (per set of sampler stages of its serving
@@ -113,13 +112,13 @@ class RuntimeConfig:
       slo: TTFT/TPOT targets.
       backward: the unified step's backward strategy (see ``loqjax.unified``).
       pipeline: when a unified step is dispatched before the step before it is read
-        back (see above): "no_requests" (default) while no request is in flight, so
-        fine-tuning alone overlaps the host's work with the device's (2 jobs of the
-        Llama-3-8B shape on an H200: 9,385 -> 11,922 tok/s, RESULTS.md runs 28 and 36),
-        and a step under serving load commits its tokens as soon as it ends; "always"
-        under load too (run 36: 13-14% more fine-tuning under load, but the policy's
-        timing of pipelined steps is not exact: TPOT p99 45.1-45.5 ms against a 45 ms
-        SLO, 80-91% attainment); "never".
+        back (see above), overlapping the host's packing and dispatch (~20 ms at the
+        Llama-3-8B shape) with the unified step before it: "always" (default);
+        "no_requests" only while no request is in flight, so a step under serving load
+        commits its tokens as soon as it ends; "never". 2 jobs of the Llama-3-8B shape on an H200,
+        4 serving adapters at 1/2/4 req/s (RESULTS.md runs 37-38): "always" trains
+        9,626/9,830/9,062 tok/s against "no_requests"' 8,499/8,755/7,834, both meeting
+        the TPOT/TTFT SLO for every request.
     """
 
     serving: EngineConfig = EngineConfig(
@@ -131,7 +130,7 @@ class RuntimeConfig:
     min_train_share: float = 0.25
     slo: SloTargets = SloTargets()
     backward: Backward = "save"
-    pipeline: Literal["no_requests", "always", "never"] = "no_requests"
+    pipeline: Literal["no_requests", "always", "never"] = "always"
 
     def __post_init__(self):
         if self.pipeline not in ("no_requests", "always", "never"):

@@ -89,7 +89,9 @@ def test_a_thousand_mixed_requests_while_two_jobs_train(alone):
     end = rss_bytes(), runtime._step._cache_size(), runtime._serve_step._cache_size()
 
     assert runtime.num_free_pages == RUNTIME_CONFIG.serving.num_pages
-    assert all(run.status == "running" and run.updates >= 10 for run in runs)
+    # Several updates each: under the step clock the policy gives each job ~10 (9-10
+    # pipelined, 12-13 with unified steps landed under load).
+    assert all(run.status == "running" and run.updates >= 8 for run in runs)
     assert all(np.isfinite(loss) for run in runs for _, loss in run.train_loss)
     assert end[1:] == half[1:]  # no recompile in the second half
     assert end[0] - half[0] < 32 * 2**20, (half, end)
