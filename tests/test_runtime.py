@@ -132,10 +132,10 @@ def test_warmup_runs_every_sampled_variant(trained, monkeypatch):
 @pytest.mark.parametrize("pipeline", ["no_requests", "always"])
 def test_serving_and_unified_steps_are_pipelined(trained, monkeypatch, pipeline):
     """A serving step's tokens are committed by the next call, which dispatches first, its
-    rows taking them on the device. A unified step under serving load is pipelined so too
-    ("always": dispatched before the serving step in flight lands, its token committed
-    by the next call), or lands the serving step first, then itself. Either way the
-    request's tokens are those it gets served alone."""
+    rows taking them on the device. A unified step under serving load lands the serving
+    step in flight first (before packing), then either is pipelined ("always": its token
+    committed by the next call) or lands itself. Either way the request's tokens are those
+    it gets served alone."""
     runtime, *_ = trained
     monkeypatch.setattr(runtime, "runtime_config", dataclasses.replace(CONFIG, pipeline=pipeline))
     job = FineTuneJob("lower", DATA_DIR / "upper.jsonl", LoraConfig(rank=4), steps=1)
@@ -147,15 +147,17 @@ def test_serving_and_unified_steps_are_pipelined(trained, monkeypatch, pipeline)
     runtime.step()  # dispatches the first decode step, commits the prefill's token
     assert len(handle.output().token_ids) == 1
     monkeypatch.setattr(runtime, "_wants_training", lambda now: True)
-    land, queued_behind = runtime._land, []
+    dispatch, dispatched = runtime._dispatch_unified, []
     monkeypatch.setattr(
-        runtime, "_land", lambda f: queued_behind.append(runtime._in_flight) or land(f)
+        runtime,
+        "_dispatch_unified",
+        lambda *a: dispatched.append(runtime._in_flight) or dispatch(*a),
     )
     runtime.step()  # a unified step (training, and a decode)
-    monkeypatch.setattr(runtime, "_land", land)
-    if pipeline == "always":  # landed the decode step after it; its own token is in flight
+    assert dispatched == [None]  # the decode step landed before it
+    monkeypatch.setattr(runtime, "_dispatch_unified", dispatch)
+    if pipeline == "always":  # its own token is in flight
         assert len(handle.output().token_ids) == 2 and runtime._in_flight.out is not None
-        assert queued_behind == [runtime._in_flight]
         runtime.step()  # another unified step lands it
     assert len(handle.output().token_ids) == 3
     assert pipeline == "always" or runtime._in_flight is None
