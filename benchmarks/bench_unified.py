@@ -103,17 +103,19 @@ def job_dataset(rng, vocab: int, seq_len: int, count: int = 64) -> list[dict]:
     return [{"token_ids": rng.integers(0, vocab, seq_len).tolist()} for _ in range(count)]
 
 
-def run_load(runtime: Runtime, rate: float, duration: float, drain: float, shapes, seed: int):
+def run_load(
+    runtime: Runtime, rate: float, duration: float, drain: float, shapes, seed: int, log_path=None
+):
     """Serves a Poisson load at ``rate`` for ``duration`` s, then drains; returns the
-    phase's metrics, the arrivals, the requests finished and the training tokens in the
-    window."""
+    phase's metrics (logged to ``log_path`` if given), the arrivals, the requests
+    finished and the training tokens in the window."""
     rng = np.random.default_rng(seed)
     gaps = rng.exponential(1.0 / rate, int(rate * duration * 3) + 10) if rate else []
     start = runtime.clock()
     arrivals = start + np.cumsum(gaps)
     arrivals = arrivals[arrivals < start + duration]
     vocab = runtime.model_config.vocab_size
-    metrics = runtime.metrics = Metrics(SLO)
+    metrics = runtime.metrics = Metrics(SLO, log_path)
     handles, next_arrival = [], 0
     trained_before = _trained(runtime)
     window_trained = None
@@ -161,6 +163,9 @@ def main(argv=None):
         help="RuntimeConfig.pipeline",
     )
     parser.add_argument("--out", default=None, help="append JSON rows to this file")
+    parser.add_argument(
+        "--metrics-dir", default=None, help="each rate's step and request log (JSONL) here"
+    )
     args = parser.parse_args(argv)
     duration = args.duration or (6.0 if args.tiny else 30.0)
     drain = args.drain or (4.0 if args.tiny else 20.0)
@@ -217,10 +222,21 @@ def main(argv=None):
     rows.add(variant="finetune alone", train_tokens_per_s=alone_tps, peak_mem_gib=peak_memory_gib())
 
     for i, rate in enumerate(args.rates):
+        log_path = args.metrics_dir and f"{args.metrics_dir}/unified_rate{rate:g}.jsonl"
         metrics, arrived, finished, trained = run_load(
-            runtime, rate, duration, drain, shapes, seed=100 + i
+            runtime, rate, duration, drain, shapes, seed=100 + i, log_path=log_path
         )
         summary = metrics.summary()["overall"]
+        # Each call's time goes to the kind of step it landed (waited for).
+        kinds = {
+            f"{kind}_{key}": value
+            for kind, totals in summary["step_kinds"].items()
+            for key, value in (
+                ("steps", totals["steps"]),
+                ("step_ms", 1e3 * totals["seconds"] / totals["steps"]),
+                ("time_share", totals["seconds"] / summary["seconds"]),
+            )
+        }
         met = sum(r.meets(SLO) for r in metrics.requests)
         records = metrics.requests
         rows.add(
@@ -238,6 +254,7 @@ def main(argv=None):
             train_tokens_per_s=trained / duration,
             vs_alone=trained / duration / alone_tps,
             steps=summary["steps"],
+            **kinds,
             peak_mem_gib=peak_memory_gib(),
         )
     rows.table(
@@ -252,6 +269,11 @@ def main(argv=None):
             "slo_attainment",
             "train_tokens_per_s",
             "vs_alone",
+            "unified_steps",
+            "unified_step_ms",
+            "unified_time_share",
+            "serve_steps",
+            "serve_step_ms",
         ]
     )
 

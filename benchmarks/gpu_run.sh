@@ -85,7 +85,7 @@ for p in "$@"; do
     inference) phase inference 200 python3 benchmarks/bench_inference.py --out "$OUT/inference.jsonl" ;;
     peft) phase peft 250 python3 benchmarks/bench_peft.py --out "$OUT/peft.jsonl" ;;
     unified) phase unified 570 python3 benchmarks/bench_unified.py \
-      --rates 1 2 4 --duration 20 --drain 25 --alone 8 --out "$OUT/unified.jsonl" ;;
+      --rates 1 2 4 --duration 20 --drain 25 --alone 8 --metrics-dir "$OUT" --out "$OUT/unified.jsonl" ;;
     unified_no_requests) phase unified_no_requests 570 python3 benchmarks/bench_unified.py --pipeline no_requests \
       --rates 1 2 4 --duration 20 --drain 25 --alone 8 --out "$OUT/unified_no_requests.jsonl" ;;
     scaling) phase scaling 570 python3 benchmarks/bench_scaling.py ${SCALING_MESHES:+--meshes $SCALING_MESHES} \

@@ -72,6 +72,8 @@ class Metrics:
         self.eval_loss: dict[str, list[tuple[int, float]]] = collections.defaultdict(list)
         self.job_events: list[dict[str, Any]] = []
         self.num_steps = 0
+        self.steps_by_kind: collections.Counter[str] = collections.Counter()
+        self.seconds_by_kind: collections.Counter[str] = collections.Counter()
 
     def _log(self, event: str, **fields: Any) -> None:
         if self.log_path is not None:
@@ -93,6 +95,8 @@ class Metrics:
         self.start = start if self.start is None else self.start
         self.end = end
         self.num_steps += 1
+        self.steps_by_kind[kind] += 1
+        self.seconds_by_kind[kind] += end - start
         self.served_tokens.update(served)
         self.trained_tokens.update(trained)
         self._log(
@@ -132,7 +136,8 @@ class Metrics:
 
     def summary(self) -> dict[str, Any]:
         """{"overall": ..., "adapters": {name: ...}}: tokens/s, latency percentiles (s),
-        SLO attainment (share of finished requests meeting both targets)."""
+        SLO attainment (share of finished requests meeting both targets); overall also the
+        steps and their seconds by the kind they were charged to ("step_kinds")."""
         seconds = max((self.end or 0.0) - (self.start or 0.0), 1e-9)
         names = sorted(
             {*self.served_tokens, *self.trained_tokens, *self.train_loss}
@@ -171,7 +176,14 @@ class Metrics:
         overall = report(
             self.requests, sum(self.served_tokens.values()), sum(self.trained_tokens.values())
         )
-        overall.update(seconds=seconds, steps=self.num_steps)
+        overall.update(
+            seconds=seconds,
+            steps=self.num_steps,
+            step_kinds={
+                kind: {"steps": n, "seconds": self.seconds_by_kind[kind]}
+                for kind, n in sorted(self.steps_by_kind.items())
+            },
+        )
         return {"overall": overall, "adapters": adapters}
 
     def plot(self, path: str | os.PathLike) -> Path | None:

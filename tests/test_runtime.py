@@ -89,6 +89,12 @@ def test_training_keeps_its_share_under_serving_load(trained):
     training = sum(step["seconds"] for step in steps if step["kind"] == "unified")
     assert training >= CONFIG.min_train_share * sum(step["seconds"] for step in steps)
     assert [e["update"] for e in log if e["event"] == "train"] == list(range(1, 11))
+    kinds = runtime.metrics.summary()["overall"]["step_kinds"]  # the log's, summed
+    every_step = [event for event in log if event["event"] == "step"]
+    assert sorted(kinds) == ["serve", "unified"]
+    for kind, totals in kinds.items():
+        seconds = [step["seconds"] for step in every_step if step["kind"] == kind]
+        assert totals == {"steps": len(seconds), "seconds": pytest.approx(sum(seconds))}
 
 
 def test_adapter_served_mid_training_and_after(trained):
