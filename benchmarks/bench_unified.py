@@ -9,7 +9,10 @@ projections (``bench_common``). Serving adapters a0..a3 (random, r=8, alpha=16);
 j0, j1 fine-tune fresh adapters (PEFT's init) on random 1024-token sequences, 2 sequences
 (2048 tokens) per AdamW update, Loquetier's setting. The runtime's training steps carry one
 1024-token sequence (jobs take turns) next to up to 64 serving tokens; its other steps
-serve (prefill chunks of up to 1024 tokens, decode steps of 32 rows).
+serve (prefill chunks of up to 1024 tokens, decode steps of 32 rows). ``--train-seq-len``
+makes the sequences, and a training step's rows, shorter (an update keeps its 2048
+tokens): a unified step shorter than the TPOT target lets the runtime train at nearly
+every step.
 
 Load: requests arrive as a Poisson process at each rate of ``--rates`` for ``--duration``
 seconds, each for a random one of the 4 adapters, with prompt and output lengths drawn
@@ -162,6 +165,9 @@ def main(argv=None):
         choices=["no_requests", "always", "never"],
         help="RuntimeConfig.pipeline",
     )
+    parser.add_argument(
+        "--train-seq-len", type=int, default=None, help="training sequence and step rows"
+    )
     parser.add_argument("--out", default=None, help="append JSON rows to this file")
     parser.add_argument(
         "--metrics-dir", default=None, help="each rate's step and request log (JSONL) here"
@@ -171,6 +177,9 @@ def main(argv=None):
     drain = args.drain or (4.0 if args.tiny else 20.0)
     alone = args.alone or (4.0 if args.tiny else 15.0)
     shapes = TINY if args.tiny else FULL
+    batch_tokens = 2 * shapes.seq_len
+    if args.train_seq_len:
+        shapes = dataclasses.replace(shapes, seq_len=args.train_seq_len)
     config = model_config(args.tiny)
     rows = Rows("unified", args.out)
 
@@ -206,7 +215,7 @@ def main(argv=None):
                 job_dataset(rng, config.vocab_size, shapes.seq_len),
                 LoraConfig(rank=8, alpha=16.0, seed=i),
                 steps=10**6,
-                batch_tokens=2 * shapes.seq_len,
+                batch_tokens=batch_tokens,
                 eval_fraction=0.0,
             )
         )
