@@ -32,8 +32,12 @@ same runtime with no requests, measured first).
 from __future__ import annotations
 
 import argparse
+import cProfile
 import dataclasses
+import io
+import pstats
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -146,6 +150,69 @@ def run_load(
     return metrics, len(arrivals), finished, window_trained
 
 
+def host_breakdown(runtime: Runtime, steps: int) -> dict[str, float]:
+    """Mean ms per step of ``steps`` more steps alone: the call, the unified step's
+    dispatch (the jitted call's return), and the landing (reading back the step before,
+    mostly waiting for the device); what is left of the call is the host's own. And how
+    often the step in flight had finished before the dispatch, and after it returned: a
+    dispatch that returns only once the step before is done serializes the host's
+    launches with the device."""
+    spent = {"dispatch": 0.0, "land": 0.0}
+    done = {"before": 0, "after": 0}
+
+    def in_flight_done() -> bool:
+        out = getattr(runtime._in_flight, "out", None)
+        return out is not None and out.loss.is_ready()
+
+    def dispatch(*args, **kwargs):
+        done["before"] += in_flight_done()
+        start = time.perf_counter()
+        result = step(*args, **kwargs)
+        spent["dispatch"] += time.perf_counter() - start
+        done["after"] += in_flight_done()
+        return result
+
+    def land_timed(*args, **kwargs):
+        start = time.perf_counter()
+        result = land(*args, **kwargs)
+        spent["land"] += time.perf_counter() - start
+        return result
+
+    step, land = runtime._step, runtime._land
+    runtime._step, runtime._land = dispatch, land_timed
+    start = time.perf_counter()
+    try:
+        for _ in range(steps):
+            runtime.step()
+    finally:
+        runtime._step, runtime._land = step, land
+    call = time.perf_counter() - start
+    ms = {f"{name}_ms": 1e3 * seconds / steps for name, seconds in spent.items()}
+    return {
+        "steps": steps,
+        "call_ms": 1e3 * call / steps,
+        **ms,
+        "other_ms": 1e3 * (call - sum(spent.values())) / steps,
+        "done_before_dispatch": done["before"] / steps,
+        "done_after_dispatch": done["after"] / steps,
+    }
+
+
+def profile_host(runtime: Runtime, steps: int, out_dir: str | None) -> None:
+    """``steps`` steps under cProfile; the 60 functions of most cumulative time to
+    ``out_dir``/alone_profile.txt (or stdout)."""
+    profiler = cProfile.Profile()
+    profiler.runcall(lambda: [runtime.step() for _ in range(steps)])
+    text = io.StringIO()
+    pstats.Stats(profiler, stream=text).sort_stats("cumulative").print_stats(60)
+    if out_dir is None:
+        print(text.getvalue())
+        return
+    path = Path(out_dir) / "alone_profile.txt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text.getvalue())
+
+
 def _trained(runtime: Runtime) -> int:
     return sum(run.trained_tokens for run in runtime.jobs.values())
 
@@ -153,7 +220,7 @@ def _trained(runtime: Runtime) -> int:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="tiny model, CPU-sized run")
-    parser.add_argument("--rates", type=float, nargs="+", default=[1.0, 2.0, 4.0])
+    parser.add_argument("--rates", type=float, nargs="*", default=[1.0, 2.0, 4.0])
     parser.add_argument("--duration", type=float, default=None, help="arrival window (s)")
     parser.add_argument("--drain", type=float, default=None)
     parser.add_argument("--alone", type=float, default=None, help="fine-tuning alone (s)")
@@ -167,6 +234,14 @@ def main(argv=None):
     )
     parser.add_argument(
         "--train-seq-len", type=int, default=None, help="training sequence and step rows"
+    )
+    parser.add_argument(
+        "--profile-alone",
+        type=int,
+        default=0,
+        metavar="STEPS",
+        help="after fine-tuning alone, time STEPS more steps' dispatch and landing, then "
+        "profile STEPS steps' host code (cProfile; the top functions to --metrics-dir)",
     )
     parser.add_argument("--out", default=None, help="append JSON rows to this file")
     parser.add_argument(
@@ -229,6 +304,9 @@ def main(argv=None):
         runtime.step()
     alone_tps = (_trained(runtime) - trained_before) / (runtime.clock() - start)
     rows.add(variant="finetune alone", train_tokens_per_s=alone_tps, peak_mem_gib=peak_memory_gib())
+    if args.profile_alone:
+        rows.add(variant="alone host", **host_breakdown(runtime, args.profile_alone))
+        profile_host(runtime, args.profile_alone, args.metrics_dir)
 
     for i, rate in enumerate(args.rates):
         log_path = args.metrics_dir and f"{args.metrics_dir}/unified_rate{rate:g}.jsonl"

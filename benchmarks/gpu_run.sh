@@ -6,7 +6,8 @@
 # decode_phases_nocmdbuf, decode_hlo, decode_nocmdbuf, decode_two_kernel, flash, flash_sweep,
 # finetune, finetune_schedules, finetune_sync, finetune4_backward, finetune4_recompute,
 # finetune4_memory_report, loss_memory, host_dispatch, finetune_profile, finetune4, inference,
-# peft, unified, unified_seq512, unified_no_requests, scaling, scaling_1gpu, save_cache.
+# peft, unified, unified_seq512, unified_host,
+# unified_host512, unified_no_requests, scaling, scaling_1gpu, save_cache.
 #
 # "scaling" runs bench_scaling.py on every mesh the host has devices for (1, 2, 4, 8
 # GPUs; NCCL_NVLS_ENABLE=0 below) after its check; a call has 10 minutes, so a multi-GPU
@@ -88,6 +89,10 @@ for p in "$@"; do
       --rates 1 2 4 --duration 20 --drain 25 --alone 8 --metrics-dir "$OUT" --out "$OUT/unified.jsonl" ;;
     unified_seq512) phase unified_seq512 570 python3 benchmarks/bench_unified.py --train-seq-len 512 \
       --rates 1 2 4 --duration 20 --drain 25 --alone 8 --metrics-dir "$OUT/seq512" --out "$OUT/unified_seq512.jsonl" ;;
+    unified_host) phase unified_host 480 python3 benchmarks/bench_unified.py --rates 2 --duration 20 --drain 25 \
+      --alone 8 --profile-alone 30 --metrics-dir "$OUT/host" --out "$OUT/unified_host.jsonl" ;;
+    unified_host512) phase unified_host512 420 python3 benchmarks/bench_unified.py --train-seq-len 512 --rates \
+      --alone 8 --profile-alone 30 --metrics-dir "$OUT/host512" --out "$OUT/unified_host512.jsonl" ;;
     unified_no_requests) phase unified_no_requests 570 python3 benchmarks/bench_unified.py --pipeline no_requests \
       --rates 1 2 4 --duration 20 --drain 25 --alone 8 --out "$OUT/unified_no_requests.jsonl" ;;
     scaling) phase scaling 570 python3 benchmarks/bench_scaling.py ${SCALING_MESHES:+--meshes $SCALING_MESHES} \
