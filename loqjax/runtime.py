@@ -112,8 +112,9 @@ class RuntimeConfig:
       slo: TTFT/TPOT targets.
       backward: the unified step's backward strategy (see ``loqjax.unified``).
       pipeline: when a unified step is dispatched before the step before it is read
-        back (see above), overlapping the host's packing and dispatch (~20 ms at the
-        Llama-3-8B shape) with the unified step before it: "always" (default);
+        back (see above), overlapping the host's packing and dispatch (~45 ms at the
+        Llama-3-8B shape, 36 of them in the jitted call: RESULTS.md run 42) with the
+        unified step before it: "always" (default);
         "no_requests" only while no request is in flight, so a step under serving load
         commits its tokens as soon as it ends; "never". 2 jobs of the Llama-3-8B shape
         on an H200, 4 serving adapters at 1/2/4 req/s (RESULTS.md runs 37-38): "always"
@@ -547,9 +548,9 @@ class Runtime(Engine):
         if active and self._wants_training(start):
             flight = self._in_flight
             # A serving step in flight is short: landed first, its tokens are committed
-            # when they are ready, not after this step's packing and dispatch (~20 ms of
-            # host time at the Llama-3-8B shape). Dispatching first trained no more under
-            # load, and a request missed its TPOT (RESULTS.md run 39).
+            # when they are ready, not after this step's packing and dispatch (~45 ms of
+            # host time at the Llama-3-8B shape, RESULTS.md run 42). Dispatching first
+            # trained no more under load, and a request missed its TPOT (run 39).
             serving = not isinstance(flight, _UnifiedFlight)
             if flight is not None and (not pipeline or serving or _evaluates(flight)):
                 self.land()
