@@ -221,6 +221,50 @@ def peak_memory_gib() -> float | None:
     return None if peak is None else peak / GIB
 
 
+def step_phases(engine, phases: dict[str, str], steps: int) -> dict:
+    """Mean ms per ``engine.step()`` of each of its parts: ``phases`` maps a phase to the
+    name of the engine's method (or callable attribute) it times, each wrapped for
+    ``steps`` steps. Returns ``phase_{phase}_ms``, ``phase_rest_ms`` (the step's other
+    time), ``phase_step_ms``, and for the phase "dispatch" the fraction of dispatches that
+    found the step in flight finished before (``ready_before``) and after
+    (``ready_after``) they ran: a dispatch that only returns once the step before it has
+    finished serializes the host's work with the device's."""
+    spent = dict.fromkeys(phases, 0.0)
+    ready = {"ready_before": 0, "ready_after": 0}
+
+    def timed(phase, fn):
+        def call(*args, **kwargs):
+            in_flight = engine._in_flight if phase == "dispatch" else None
+            if in_flight is not None:
+                ready["ready_before"] += in_flight.next_tokens.is_ready()
+            start = time.perf_counter()
+            result = fn(*args, **kwargs)
+            spent[phase] += time.perf_counter() - start
+            if in_flight is not None:
+                ready["ready_after"] += in_flight.next_tokens.is_ready()
+            return result
+
+        return call
+
+    originals = {name: getattr(engine, name) for name in phases.values()}
+    attributes = {name: vars(engine)[name] for name in phases.values() if name in vars(engine)}
+    for phase, name in phases.items():
+        setattr(engine, name, timed(phase, originals[name]))
+    try:
+        start = time.perf_counter()
+        for _ in range(steps):
+            engine.step()
+        total = time.perf_counter() - start
+    finally:
+        for name in phases.values():  # back to the class's methods and own attributes
+            delattr(engine, name)
+        vars(engine).update(attributes)
+    ms = {f"phase_{phase}_ms": s / steps * 1e3 for phase, s in spent.items()}
+    ms["phase_rest_ms"] = (total - sum(spent.values())) / steps * 1e3
+    ms["phase_step_ms"] = total / steps * 1e3
+    return ms | {key: count / steps for key, count in ready.items()}
+
+
 class Rows:
     """JSON rows of a benchmark: each appended to ``path`` (if any) at once, flushed, so a
     run cut short keeps what it measured; ``table`` prints them."""

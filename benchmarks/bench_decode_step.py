@@ -20,7 +20,7 @@ decode; per variant it reports, per decode step of ``B`` rows:
   ``traced_span`` are the stream's idle time and first-to-last span per step in that
   trace. ``--hlo-dir`` also writes each variant's compiled step (HLO text, gzipped), to
   read what a kernel of the trace computes. ``--phases`` adds ``Engine.step``'s host parts
-  (``engine_phases``) and the device step fed other batches than one re-run (``FEEDS``).
+  (``bench_common.step_phases``) and the device step fed other batches than one re-run (``FEEDS``).
 
 Variants: ``base`` (no adapter tables), then the model with 64-slot rank-8 tables (all seven
 projections) and 64 adapters loaded, serving ``n`` of them (request i gets adapter
@@ -54,6 +54,7 @@ from bench_common import (
     model_config,
     num_matmul_params,
     random_model,
+    step_phases,
 )
 
 MAX_SLOTS = 64
@@ -150,48 +151,6 @@ PHASES = {
 }
 
 
-def engine_phases(engine: Engine, steps: int) -> dict:
-    """Mean ms per ``Engine.step`` of each of its parts (``PHASES``, as ``phase_*_ms``;
-    ``rest``: the step's other time, mostly the wait on the previous step's tokens), and
-    the fraction of dispatches that found the step in flight finished before
-    (``ready_before``) and after (``ready_after``) they ran: a dispatch that only returns
-    once the step before it has finished serializes the host's work with the device's."""
-    spent = dict.fromkeys(PHASES, 0.0)
-    ready = {"ready_before": 0, "ready_after": 0}
-
-    def timed(phase, fn):
-        def call(*args, **kwargs):
-            in_flight = engine._in_flight if phase == "dispatch" else None
-            if in_flight is not None:
-                ready["ready_before"] += in_flight.next_tokens.is_ready()
-            start = time.perf_counter()
-            result = fn(*args, **kwargs)
-            spent[phase] += time.perf_counter() - start
-            if in_flight is not None:
-                ready["ready_after"] += in_flight.next_tokens.is_ready()
-            return result
-
-        return call
-
-    originals = {name: getattr(engine, name) for name in PHASES.values()}
-    attributes = {name: vars(engine)[name] for name in PHASES.values() if name in vars(engine)}
-    for phase, name in PHASES.items():
-        setattr(engine, name, timed(phase, originals[name]))
-    try:
-        start = time.perf_counter()
-        for _ in range(steps):
-            engine.step()
-        total = time.perf_counter() - start
-    finally:
-        for name in PHASES.values():  # back to the class's methods and own attributes
-            delattr(engine, name)
-        vars(engine).update(attributes)
-    phases = {f"phase_{phase}_ms": s / steps * 1e3 for phase, s in spent.items()}
-    phases["phase_rest_ms"] = (total - sum(spent.values())) / steps * 1e3
-    phases["phase_step_ms"] = total / steps * 1e3
-    return phases | {key: count / steps for key, count in ready.items()}
-
-
 def per_step(kernels: list[dict], iters: int) -> list[dict]:
     """Profile rows of ``iters`` steps, per step."""
     return [dict(k, **{f: k[f] / iters for f in ("calls", "total_ms", "idle_ms")}) for k in kernels]
@@ -266,7 +225,7 @@ def main(argv=None):
         engine_s = engine_steps(engine, args.steps)
         probes = {}
         if args.phases:
-            probes = engine_phases(engine, args.steps)
+            probes = step_phases(engine, PHASES, args.steps)
             for feed in FEEDS[1:]:
                 step_s, feed_dispatch_s, _ = device_steps(engine, args.iters, args.repeats, feed)
                 probes[f"device_{feed}_ms"] = step_s * 1e3

@@ -55,7 +55,14 @@ from loqjax import (
 from loqjax.metrics import Metrics, percentiles
 from loqjax.optim import SlotOptimizer, adamw
 
-from bench_common import Rows, load_adapters, model_config, peak_memory_gib, random_model
+from bench_common import (
+    Rows,
+    load_adapters,
+    model_config,
+    peak_memory_gib,
+    random_model,
+    step_phases,
+)
 
 SLO = SloTargets(ttft_s=2.0, tpot_s=0.045)
 # Loquetier's sampling settings; each request adds its output length.
@@ -150,52 +157,9 @@ def run_load(
     return metrics, len(arrivals), finished, window_trained
 
 
-def host_breakdown(runtime: Runtime, steps: int) -> dict[str, float]:
-    """Mean ms per step of ``steps`` more steps alone: the call, the unified step's
-    dispatch (the jitted call's return), and the landing (reading back the step before,
-    mostly waiting for the device); what is left of the call is the host's own. And how
-    often the step in flight had finished before the dispatch, and after it returned: a
-    dispatch that returns only once the step before is done serializes the host's
-    launches with the device."""
-    spent = {"dispatch": 0.0, "land": 0.0}
-    done = {"before": 0, "after": 0}
-
-    def in_flight_done() -> bool:
-        out = getattr(runtime._in_flight, "out", None)
-        return out is not None and out.loss.is_ready()
-
-    def dispatch(*args, **kwargs):
-        done["before"] += in_flight_done()
-        start = time.perf_counter()
-        result = step(*args, **kwargs)
-        spent["dispatch"] += time.perf_counter() - start
-        done["after"] += in_flight_done()
-        return result
-
-    def land_timed(*args, **kwargs):
-        start = time.perf_counter()
-        result = land(*args, **kwargs)
-        spent["land"] += time.perf_counter() - start
-        return result
-
-    step, land = runtime._step, runtime._land
-    runtime._step, runtime._land = dispatch, land_timed
-    start = time.perf_counter()
-    try:
-        for _ in range(steps):
-            runtime.step()
-    finally:
-        runtime._step, runtime._land = step, land
-    call = time.perf_counter() - start
-    ms = {f"{name}_ms": 1e3 * seconds / steps for name, seconds in spent.items()}
-    return {
-        "steps": steps,
-        "call_ms": 1e3 * call / steps,
-        **ms,
-        "other_ms": 1e3 * (call - sum(spent.values())) / steps,
-        "done_before_dispatch": done["before"] / steps,
-        "done_after_dispatch": done["after"] / steps,
-    }
+# Runtime.step's parts alone: the unified step's dispatch (the jitted call's return) and
+# the landing (reading back the step before, mostly waiting for the device).
+HOST_PHASES = {"dispatch": "_step", "land": "_land"}
 
 
 def profile_host(runtime: Runtime, steps: int, out_dir: str | None) -> None:
@@ -305,7 +269,11 @@ def main(argv=None):
     alone_tps = (_trained(runtime) - trained_before) / (runtime.clock() - start)
     rows.add(variant="finetune alone", train_tokens_per_s=alone_tps, peak_mem_gib=peak_memory_gib())
     if args.profile_alone:
-        rows.add(variant="alone host", **host_breakdown(runtime, args.profile_alone))
+        rows.add(
+            variant="alone host",
+            steps=args.profile_alone,
+            **step_phases(runtime, HOST_PHASES, args.profile_alone),
+        )
         profile_host(runtime, args.profile_alone, args.metrics_dir)
 
     for i, rate in enumerate(args.rates):
