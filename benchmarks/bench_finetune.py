@@ -15,8 +15,10 @@ rows n * seqs * seq_len); AdamW (lr 2e-5, the per-slot optimizer), every step ap
 Reported: tokens/s over ``--steps`` timed steps after ``--warmup`` (the first compiles),
 for each ``--sync`` (``timed_steps``): reading the losses each step (``each``, as a training
 loop logging them does) or one step late (``lagged``, so the host queues a step while the
-device runs the one before); the model
-FLOP rate, counting 4 * (matmul params) FLOPs a token (forward and input gradient: the base
+device runs the one before), with the mean time the jitted call takes to return
+(``dispatch_s``) and adapter 0's loss in the last timed step (``loss``: the same seeds give
+the same losses, so two runs under different XLA flags can be compared); the model FLOP
+rate, counting 4 * (matmul params) FLOPs a token (forward and input gradient: the base
 is frozen, so no weight gradient) plus causal attention (3 * 2 * seq_len * d_model per token
 per layer, forward and backward), against the bf16 matmul rate measured in the same run;
 and the device's peak memory so far (jax's ``peak_bytes_in_use``; the runs go in ascending
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import time
 
 import numpy as np
 
@@ -107,11 +110,15 @@ def main(argv=None):
                 for _ in range(args.warmup):
                     state, _, out = step(frozen, state, batch(), None)
                     float(out.loss[0])
-            timings = {}
+            timings, dispatch_s, losses_of = {}, {}, {}
             for sync in args.sync:
                 batches = [batch() for _ in range(steps)]
+                print(f"# {n} adapter(s), sync {sync}: {steps} timed steps", flush=True)
                 with Timer() as timings[sync]:
-                    state, out, losses = timed_steps(step, frozen, state, batches, sync)
+                    state, out, losses, dispatch_s[sync] = timed_steps(
+                        step, frozen, state, batches, sync
+                    )
+                losses_of[sync] = float(losses[0])
                 updated = np.asarray(out.updated)
                 assert np.isfinite(losses[:n]).all() and updated[:n].all(), (losses, updated)
             if args.profile:
@@ -140,6 +147,8 @@ def main(argv=None):
                     seq_len=seq_len,
                     warmup_s=warm.seconds,
                     step_s=timed.seconds / steps,
+                    dispatch_s=dispatch_s[sync],
+                    loss=losses_of[sync],
                     tokens_per_s=tokens_per_s,
                     model_tflops=tflops,
                     vs_matmul_peak=tflops / ceilings["matmul_tflops"],
@@ -165,18 +174,21 @@ def main(argv=None):
 
 def timed_steps(step, frozen, state, batches, sync):
     """Runs ``step`` on every batch; returns (state, the last step's output, its loss on
-    the host). ``each`` reads every step's losses before the next step (as a loop logging
-    them does), so the host's dispatch of a step never overlaps the device's work;
-    ``lagged`` reads step i's after queueing step i + 1 (a loop logging a step late)."""
-    previous = None
+    the host, the mean time the jitted call took to return). ``each`` reads every step's
+    losses before the next step (as a loop logging them does), so the host's dispatch of a
+    step never overlaps the device's work; ``lagged`` reads step i's after queueing step
+    i + 1 (a loop logging a step late)."""
+    previous, dispatch = None, 0.0
     for b in batches:
+        began = time.perf_counter()
         state, _, out = step(frozen, state, b, None)
+        dispatch += time.perf_counter() - began
         if sync == "each":
             np.asarray(out.loss)
         elif previous is not None:
             np.asarray(previous.loss)
         previous = out
-    return state, out, np.asarray(out.loss)
+    return state, out, np.asarray(out.loss), dispatch / len(batches)
 
 
 if __name__ == "__main__":

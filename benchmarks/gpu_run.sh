@@ -7,7 +7,7 @@
 # finetune, finetune_schedules, finetune_sync, finetune4_backward, finetune4_recompute,
 # finetune4_memory_report, loss_memory, host_dispatch, finetune_profile, finetune4, inference,
 # peft, unified, unified_seq512, unified_host, unified_host512, unified_no_requests, scaling,
-# scaling_1gpu, save_cache.
+# scaling_1gpu, cmdbuf_modes, finetune_cmdbuf, finetune_cmdbuf_stable, save_cache.
 #
 # "scaling" runs bench_scaling.py on every mesh the host has devices for (1, 2, 4, 8
 # GPUs; NCCL_NVLS_ENABLE=0 below) after its check; a call has 10 minutes, so a multi-GPU
@@ -30,6 +30,24 @@ export XLA_PYTHON_CLIENT_MEM_FRACTION=0.92
 if [ -f .gpu_cache/jax_cache.tgz ]; then
   mkdir -p /tmp/jax_cache && tar -xzf .gpu_cache/jax_cache.tgz -C /tmp/jax_cache
 fi
+
+# XLA flags that keep a command buffer's recorded addresses across calls, as the GPU's
+# jaxlib names them (the option's values changed between XLA versions); empty if none.
+cmdbuf_stable_flags() {
+  local f
+  for f in "--xla_gpu_command_buffer_update_mode=SKIP_TEMP" \
+      "--xla_gpu_command_buffer_update_mode=VMM_PERSISTENT_TEMP" \
+      "--xla_gpu_command_buffer_update_mode=NEVER_UPDATE --xla_gpu_enable_command_buffer_va_remapping=true" \
+      "--xla_gpu_command_buffer_update_mode=NEVER_UPDATE"; do
+    if XLA_FLAGS="$f" python3 -c "import jax, jax.numpy as jnp; jax.jit(lambda x: x + 1)(jnp.ones(4)).block_until_ready()" \
+        >/dev/null 2>&1; then
+      echo "$f"
+      return
+    fi
+  done
+}
+CMDBUF_LOG="TF_CPP_MIN_LOG_LEVEL=0 TF_CPP_VMODULE=command_buffer_thunk=3"
+CMDBUF_FINETUNE="python3 benchmarks/bench_finetune.py --adapters 1 --steps 8 --sync each lagged"
 
 phase() {  # phase NAME SECONDS COMMAND...
   local name=$1 limit=$2
@@ -99,6 +117,22 @@ for p in "$@"; do
       ${SCALING_CHECK+--check-meshes $SCALING_CHECK} --out "$OUT/scaling.jsonl" ;;
     scaling_1gpu) phase scaling_1gpu 240 python3 benchmarks/bench_scaling.py --meshes 1x1 --check-meshes 1x1 \
       --new-tokens 32 --steps 3 --out "$OUT/scaling.jsonl" ;;
+    cmdbuf_modes)  # the jaxlib's command-buffer update modes, and which one cmdbuf_stable_flags takes
+      phase cmdbuf_modes 90 bash -c "python3 -c 'import jax, jaxlib; print(jax.__version__, jaxlib.__version__)'; \
+        strings \$(python3 -c 'import jaxlib, os; print(os.path.dirname(jaxlib.__file__))')/*.so \
+        | grep -E '^(ALWAYS_UPDATE|NEVER_UPDATE|CAPTURE_CMD_NEVER_UPDATE|SKIP_TEMP|SKIP_PROFILED|DYNAMIC_ALLOCATE|VMM_PERSISTENT_TEMP)\$' | sort -u; \
+        echo \"stable flags: $(cmdbuf_stable_flags)\"" ;;
+    finetune_cmdbuf)  # one adapter's unified step, XLA's command-buffer log summarized
+      phase finetune_cmdbuf 260 env $CMDBUF_LOG $CMDBUF_FINETUNE --out "$OUT/finetune_cmdbuf.jsonl"
+      python3 benchmarks/cmdbuf_log_summary.py "$OUT/finetune_cmdbuf.log" | tee "$OUT/finetune_cmdbuf_summary.txt"
+      gzip -f "$OUT/finetune_cmdbuf.log" ;;
+    finetune_cmdbuf_stable)  # the same under cmdbuf_stable_flags
+      flags=$(cmdbuf_stable_flags)
+      echo "=== finetune_cmdbuf_stable: XLA_FLAGS=$flags"
+      phase finetune_cmdbuf_stable 260 env $CMDBUF_LOG XLA_FLAGS="$flags" $CMDBUF_FINETUNE \
+        --out "$OUT/finetune_cmdbuf_stable.jsonl"
+      python3 benchmarks/cmdbuf_log_summary.py "$OUT/finetune_cmdbuf_stable.log" | tee "$OUT/finetune_cmdbuf_stable_summary.txt"
+      gzip -f "$OUT/finetune_cmdbuf_stable.log" ;;
     save_cache)
       tar -czf "$OUT/jax_cache.tgz" -C /tmp/jax_cache . 2>/dev/null
       size=$(stat -c %s "$OUT/jax_cache.tgz" 2>/dev/null || echo 0)
