@@ -18,7 +18,10 @@ import re
 
 UPDATE = re.compile(r"Update command buffer.*num_commands=(\d+).*updated_allocs=(\d+)")
 UPDATED = re.compile(r"Updated command buffer in (\d+) \S+; num_commands=(\d+)")
+INITIALIZED = re.compile(r"Initialized command buffer on device.* in (\d+) \S+; num_commands=(\d+)")
 EXECUTE = re.compile(r"Execute command buffer on device")
+# A new executable evicts every other's command buffers; they are recorded afresh.
+EVICTED = re.compile(r"Evicted (\d+) command buffer")
 
 
 def summarize(lines):
@@ -36,6 +39,12 @@ def summarize(lines):
         elif match := UPDATED.search(line):
             micros, commands = map(int, match.groups())
             stats[commands]["update_us"] += micros
+        elif match := INITIALIZED.search(line):
+            micros, commands = map(int, match.groups())
+            stats[commands]["inits"] += 1
+            stats[commands]["init_us"] += micros
+        elif match := EVICTED.search(line):
+            stats["evicted"]["evicted"] += int(match.group(1))
         elif EXECUTE.search(line):
             executes += 1
     yield "(after the last row)", executes, dict(stats)
@@ -47,9 +56,15 @@ def main(argv=None):
     args = parser.parse_args(argv)
     with open(args.log, errors="replace") as f:
         for variant, executes, stats in summarize(f):
+            evicted = stats.pop("evicted", {}).get("evicted", 0)
             updates = sum(c["updates"] for c in stats.values())
             micros = sum(c["update_us"] for c in stats.values())
-            print(f"== {variant}: {executes} executions, {updates} updates, {micros / 1e3:.1f} ms")
+            inits = sum(c["inits"] for c in stats.values())
+            init_ms = sum(c["init_us"] for c in stats.values()) / 1e3
+            print(
+                f"== {variant}: {executes} executions, {updates} updates, {micros / 1e3:.1f} ms; "
+                f"{inits} recordings, {init_ms:.1f} ms; {evicted} evicted"
+            )
             for commands, c in sorted(stats.items(), key=lambda kv: -kv[1]["update_us"])[:12]:
                 mean_allocs = c["updated_allocs"] / max(c["updates"], 1)
                 print(

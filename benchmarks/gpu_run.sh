@@ -7,8 +7,8 @@
 # finetune, finetune_schedules, finetune_sync, finetune4_backward, finetune4_recompute,
 # finetune4_memory_report, loss_memory, host_dispatch, finetune_profile, finetune4, inference,
 # peft, unified, unified_seq512, unified_host, unified_host512, unified_no_requests, scaling,
-# scaling_1gpu, cmdbuf_modes, finetune_cmdbuf, finetune_cmdbuf_stable, unified_stable,
-# save_cache.
+# scaling_1gpu, cmdbuf_modes, finetune_cmdbuf, finetune_cmdbuf_stable, unified_cmdbuf,
+# unified_stable, save_cache.
 #
 # "scaling" runs bench_scaling.py on every mesh the host has devices for (1, 2, 4, 8
 # GPUs; NCCL_NVLS_ENABLE=0 below) after its check; a call has 10 minutes, so a multi-GPU
@@ -134,6 +134,11 @@ for p in "$@"; do
         --out "$OUT/finetune_cmdbuf_stable.jsonl"
       python3 benchmarks/cmdbuf_log_summary.py "$OUT/finetune_cmdbuf_stable.log" | tee "$OUT/finetune_cmdbuf_stable_summary.txt"
       gzip -f "$OUT/finetune_cmdbuf_stable.log" ;;
+    unified_cmdbuf)  # the runtime alone, then at 2 req/s, XLA's command-buffer log summarized
+      phase unified_cmdbuf 480 env $CMDBUF_LOG python3 benchmarks/bench_unified.py --rates 2 --duration 10 \
+        --drain 10 --alone 8 --out "$OUT/unified_cmdbuf.jsonl"
+      python3 benchmarks/cmdbuf_log_summary.py "$OUT/unified_cmdbuf.log" | tee "$OUT/unified_cmdbuf_summary.txt"
+      gzip -f "$OUT/unified_cmdbuf.log" ;;
     unified_stable)  # the "unified" phase under cmdbuf_stable_flags
       flags=$(cmdbuf_stable_flags)
       echo "=== unified_stable: XLA_FLAGS=$flags"
