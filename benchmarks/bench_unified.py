@@ -26,7 +26,9 @@ from their scheduled arrival; after the window, the queue drains for at most
 Reported per rate: TTFT and TPOT (per-request mean time per output token) p50/p99, SLO
 attainment (TTFT <= 2 s and TPOT <= 45 ms) over all arrived requests, served output
 tokens/s, and fine-tuning tokens/s over the arrival window against fine-tuning alone (the
-same runtime with no requests, measured first).
+same runtime with no requests, measured first). ``--unified-run`` runs every rate once
+for each value of ``RuntimeConfig.unified_run`` given (the training steps in a row the
+policy waits to fit before it trains under load), on the same arrivals.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ import argparse
 import cProfile
 import dataclasses
 import io
+import itertools
 import pstats
 import time
 from pathlib import Path
@@ -200,6 +203,13 @@ def main(argv=None):
         "--train-seq-len", type=int, default=None, help="training sequence and step rows"
     )
     parser.add_argument(
+        "--unified-run",
+        type=int,
+        nargs="+",
+        default=[RuntimeConfig.unified_run],
+        help="RuntimeConfig.unified_run; each value runs every rate (the same arrivals)",
+    )
+    parser.add_argument(
         "--profile-alone",
         type=int,
         default=0,
@@ -276,8 +286,12 @@ def main(argv=None):
         )
         profile_host(runtime, args.profile_alone, args.metrics_dir)
 
-    for i, rate in enumerate(args.rates):
-        log_path = args.metrics_dir and f"{args.metrics_dir}/unified_rate{rate:g}.jsonl"
+    for unified_run, (i, rate) in itertools.product(args.unified_run, enumerate(args.rates)):
+        runtime.runtime_config = dataclasses.replace(
+            runtime.runtime_config, unified_run=unified_run
+        )
+        name = f"unified_rate{rate:g}" + (f"_run{unified_run}" if len(args.unified_run) > 1 else "")
+        log_path = args.metrics_dir and f"{args.metrics_dir}/{name}.jsonl"
         metrics, arrived, finished, trained = run_load(
             runtime, rate, duration, drain, shapes, seed=100 + i, log_path=log_path
         )
@@ -297,6 +311,7 @@ def main(argv=None):
         rows.add(
             variant=f"rate {rate:g}/s",
             rate=rate,
+            unified_run=unified_run,
             requests=arrived,
             finished=finished,
             ttft_p50=summary["ttft_s"]["p50"],
@@ -315,6 +330,7 @@ def main(argv=None):
     rows.table(
         [
             "variant",
+            "unified_run",
             "requests",
             "finished",
             "ttft_p50",

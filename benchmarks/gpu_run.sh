@@ -6,7 +6,7 @@
 # decode_phases_nocmdbuf, decode_hlo, decode_nocmdbuf, decode_two_kernel, flash, flash_sweep,
 # finetune, finetune_schedules, finetune_sync, finetune4_backward, finetune4_recompute,
 # finetune4_memory_report, loss_memory, host_dispatch, finetune_profile, finetune4, inference,
-# peft, unified, unified_seq512, unified_host, unified_host512, unified_no_requests, scaling,
+# peft, unified, unified_runs, unified_seq512, unified_host, unified_host512, unified_no_requests, scaling,
 # scaling_1gpu, cmdbuf_modes, finetune_cmdbuf, finetune_cmdbuf_stable, unified_cmdbuf,
 # unified_stable, save_cache.
 #
@@ -106,6 +106,9 @@ for p in "$@"; do
     peft) phase peft 250 python3 benchmarks/bench_peft.py --out "$OUT/peft.jsonl" ;;
     unified) phase unified 570 python3 benchmarks/bench_unified.py \
       --rates 1 2 4 --duration 20 --drain 25 --alone 8 --metrics-dir "$OUT" --out "$OUT/unified.jsonl" ;;
+    unified_runs)  # RuntimeConfig.unified_run 1 and 2 on the same arrivals
+      phase unified_runs 570 python3 benchmarks/bench_unified.py --unified-run 1 2 --rates 1 2 4 --duration 15 \
+        --drain 20 --alone 8 --metrics-dir "$OUT/runs" --out "$OUT/unified_runs.jsonl" ;;
     unified_seq512) phase unified_seq512 570 python3 benchmarks/bench_unified.py --train-seq-len 512 \
       --rates 1 2 4 --duration 20 --drain 25 --alone 8 --metrics-dir "$OUT/seq512" --out "$OUT/unified_seq512.jsonl" ;;
     unified_host) phase unified_host 480 python3 benchmarks/bench_unified.py --rates 2 --duration 20 --drain 25 \

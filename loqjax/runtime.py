@@ -29,7 +29,9 @@ rows, ``loqjax.sampling.SamplingStages``; ``Runtime.warmup`` compiles them up fr
 A training step is much slower than a decode step, so the policy runs one only when every
 request in flight can afford it against its TTFT/TPOT deadline (decode steps bank slack,
 training steps spend it), and always while fine-tuning has had less than its guaranteed
-share of the step time.
+share of the step time. Under load it waits until a run of ``unified_run`` training steps
+fits, and goes on while one more does: a unified step queued behind another hides its
+host work behind the device's, one after a serving step cannot.
 
 Adapter lifecycle: ``add_job`` loads a fresh adapter into the registry under the job's
 name, so requests can name it from then on and get its current weights (the tables are
@@ -120,6 +122,12 @@ class RuntimeConfig:
         on an H200, 4 serving adapters at 1/2/4 req/s (RESULTS.md runs 37-38): "always"
         trains 9,626/9,830/9,062 tok/s against "no_requests"' 8,499/8,755/7,834, both
         meeting the TPOT/TTFT SLO for every request.
+      unified_run: under serving load, pipelined, the policy starts training only when
+        this many unified steps in a row would meet every request's deadlines, and goes on
+        while one more would. A unified step queued behind another costs the device's
+        time alone; one after a serving step costs its host's packing and dispatch too
+        (Llama-3-8B shape on an H200, 2 req/s: 81 against 106 ms from its start to its
+        landing, RESULTS.md run 42), so runs pay that once. 1 trains whenever one fits.
     """
 
     serving: EngineConfig = EngineConfig(
@@ -132,6 +140,7 @@ class RuntimeConfig:
     slo: SloTargets = SloTargets()
     backward: Backward = "save"
     pipeline: Literal["no_requests", "always", "never"] = "always"
+    unified_run: int = 2
 
     def __post_init__(self):
         if self.pipeline not in ("no_requests", "always", "never"):
@@ -140,6 +149,8 @@ class RuntimeConfig:
             )
         if self.train_rows < 1 or self.max_train_seqs < 1:
             raise ValueError("train_rows and max_train_seqs must be >= 1")
+        if self.unified_run < 1:
+            raise ValueError(f"unified_run must be >= 1, got {self.unified_run}")
         serve_rows = self.serve_rows
         if not self.serving.max_seqs <= serve_rows <= self.serving.token_capacity:
             raise ValueError(
@@ -256,6 +267,7 @@ class _UnifiedFlight(NamedTuple):
     # step before, or compiling), or the landing of the unified step queued before it.
     started_at: float = 0.0
     timed: bool = False  # its time goes into the policy's average (compiled before)
+    queued: bool = False  # dispatched behind a unified step (its host work hidden)
 
 
 DEFAULT_OPTIMIZER = SlotOptimizer()
@@ -342,8 +354,9 @@ class Runtime(Engine):
         leaves_of = (self._frozen_leaves.treedef, self._train_leaves.treedef)
         self._step = _unified_step(self._graphdef, self.optimizer, backward, leaves_of)
         self._losses = _eval_losses(self._graphdef)
-        # Moving average of unified steps' times, from their start to their landing.
-        self._unified_seconds: float | None = None
+        # Moving averages of unified steps' times, from their start to their landing, of
+        # those queued behind a unified step (True) and the others (False).
+        self._unified_seconds: dict[bool, float] = {}
         self._ran: set[tuple] = set()  # step variants run at least once (compiled)
         self._train_seconds = 0.0  # step time while jobs were active, training / all
         self._active_seconds = 0.0
@@ -545,7 +558,7 @@ class Runtime(Engine):
         active = [run for run in self.jobs.values() if run.status == "running"]
         active = [run for run in active if run._planned < run.total_updates]
         train, scheduled, rows, landed = [], None, {}, False
-        if active and self._wants_training(start):
+        if active and self._wants_training(start, pipeline):
             flight = self._in_flight
             # A serving step in flight is short: landed first, its tokens are committed
             # when they are ready, not after this step's packing and dispatch (~45 ms of
@@ -575,7 +588,7 @@ class Runtime(Engine):
             if previous is not None:
                 self._merge_landed(self._land(previous))
                 if isinstance(previous, _UnifiedFlight):  # the device goes on to this one
-                    self._in_flight = self._in_flight._replace(started_at=self.clock())
+                    self._in_flight = self._in_flight._replace(started_at=self.clock(), queued=True)
             if not pipeline:
                 self.land()
             charged = _variant(previous if pipeline and previous is not None else flight)
@@ -597,20 +610,38 @@ class Runtime(Engine):
     def _merge_landed(self, generated: dict[str, int]) -> None:
         self._landed_generated = _merged(self._landed_generated, generated)
 
-    def _wants_training(self, now: float) -> bool:
+    def _wants_training(self, now: float, pipeline: bool) -> bool:
+        """Whether this step trains: one more unified step behind the one in flight, or
+        a new run of ``unified_run`` of them (pipelined; else one), must meet every
+        request's deadline for its run's last token."""
         flight = self._in_flight
+        running = isinstance(flight, _UnifiedFlight)
+        run = self.runtime_config.unified_run if pipeline and not running else 1
         in_flight = set() if flight is None else {id(seq) for _, seq, _ in flight.sampled}
         deadlines = [
-            self.slo.deadline(r.arrival, r.token_times, int(id(r.seq) in in_flight), now)
+            self.slo.deadline(
+                r.arrival, r.token_times, int(id(r.seq) in in_flight), now, later=run - 1
+            )
             for r in self._requests.values()
         ]
         share = self._train_seconds / self._active_seconds if self._active_seconds else 0.0
-        predicted = self._unified_seconds if deadlines else None
-        if predicted is not None and isinstance(flight, _UnifiedFlight):
-            # A step dispatched now runs after the unified step in flight, and its tokens
-            # land after both.
-            predicted += max(0.0, flight.started_at + predicted - now)
+        predicted = self._run_seconds(now, run) if deadlines else None
         return self.policy.train_now(deadlines, now, predicted, share)
+
+    def _run_seconds(self, now: float, run: int) -> float | None:
+        """The predicted time from ``now`` to the landing of the next ``run`` unified
+        steps: behind the unified step in flight, after its rest; else the first after a
+        serving step, the others queued. None before any was measured."""
+        seconds = self._unified_seconds
+        if not seconds:
+            return None
+        queued = seconds.get(True, seconds.get(False))
+        flight = self._in_flight
+        if isinstance(flight, _UnifiedFlight):
+            # A step dispatched now runs after the one in flight; its tokens land after both.
+            rest = flight.started_at + seconds.get(flight.queued, queued) - now
+            return max(0.0, rest) + run * queued
+        return seconds.get(False, queued) + (run - 1) * queued
 
     def _serve_rows(
         self, scheduled: ScheduledStep, sampling_stages: SamplingStages = ARGMAX_ONLY
@@ -708,8 +739,10 @@ class Runtime(Engine):
             (out.next_tokens, out.loss, out.num_tokens, out.updated, out.nonfinite)
         )
         if flight.timed:
-            seconds, previous = self.clock() - flight.started_at, self._unified_seconds
-            self._unified_seconds = seconds if previous is None else 0.7 * previous + 0.3 * seconds
+            seconds = self.clock() - flight.started_at
+            previous = self._unified_seconds.get(flight.queued)
+            average = seconds if previous is None else 0.7 * previous + 0.3 * seconds
+            self._unified_seconds[flight.queued] = average
         self._land_training(flight.planned, loss, num_tokens, updated, nonfinite)
         if flight.scheduled is None:
             return {}

@@ -16,7 +16,9 @@ Fast decode steps bank slack against those deadlines, and a training step spends
 With a step-time prediction for the training step (measured by the runtime), the policy
 trains when no scheduled deadline would be missed, and always while fine-tuning has had
 less than ``min_train_share`` of the step time: heavy serving load slows training but
-cannot starve it.
+cannot starve it. The runtime may ask for a run of training steps at once (each serves
+every request a token too): the deadlines are then those of the run's last tokens
+(``SloTargets.deadline(..., later=)``) and the prediction the whole run's.
 
 ``StepPolicy.train_now`` is pure: queue state in, decision out.
 """
@@ -45,17 +47,23 @@ class SloTargets:
         token_times: Sequence[float],
         in_flight: int = 0,
         now: float | None = None,
+        later: int = 0,
     ) -> float:
         """When a request's next token is due (see the module docstring), after the
         ``in_flight`` tokens a step still running on the device samples for it: those land
         before any later step's, so the deadline is that of the token after them. A first
-        token in flight lands at about ``now`` (required then)."""
+        token in flight lands at about ``now`` (required then).
+
+        ``later`` > 0: the deadline of the token that many after the next, the last of a
+        run of steps that each sample one. A request still waiting for its first token
+        is due at ``arrival + ttft_s`` whatever ``later``: the whole run must end by then.
+        """
         if not token_times and not in_flight:
             return arrival + self.ttft_s
         first = token_times[0] if token_times else now
         if first is None:
             raise ValueError("a request whose first token is in flight needs now")
-        return first + (len(token_times) + in_flight) * self.tpot_s
+        return first + (len(token_times) + in_flight + later) * self.tpot_s
 
 
 @dataclasses.dataclass(frozen=True)

@@ -19,7 +19,7 @@ from loqjax import (
 )
 from loqjax.jobs import DatasetError, FineTuneJob, LoraConfig, load_records
 from loqjax.metrics import Metrics
-from loqjax.runtime import Runtime, RuntimeConfig
+from loqjax.runtime import Runtime, RuntimeConfig, _UnifiedFlight
 from loqjax.sampling import SamplingStages
 from loqjax.tasks import DATA_DIR
 from loqjax.tokenization import load_tokenizer
@@ -146,13 +146,13 @@ def test_serving_and_unified_steps_are_pipelined(trained, monkeypatch, pipeline)
     monkeypatch.setattr(runtime, "runtime_config", dataclasses.replace(CONFIG, pipeline=pipeline))
     job = FineTuneJob("lower", DATA_DIR / "upper.jsonl", LoraConfig(rank=4), steps=1)
     runtime.add_job(job)
-    monkeypatch.setattr(runtime, "_wants_training", lambda now: False)
+    monkeypatch.setattr(runtime, "_wants_training", lambda *_: False)
     handle = runtime.submit("copy: abc =>", sampling=greedy(5))
     runtime.step()  # dispatches the prefill: its token is still on the device
     assert handle.output().token_ids == () and runtime._in_flight is not None
     runtime.step()  # dispatches the first decode step, commits the prefill's token
     assert len(handle.output().token_ids) == 1
-    monkeypatch.setattr(runtime, "_wants_training", lambda now: True)
+    monkeypatch.setattr(runtime, "_wants_training", lambda *_: True)
     dispatch, dispatched = runtime._dispatch_unified, []
     monkeypatch.setattr(
         runtime,
@@ -172,6 +172,46 @@ def test_serving_and_unified_steps_are_pipelined(trained, monkeypatch, pipeline)
     alone = runtime.submit("copy: abc =>", sampling=greedy(5)).result()
     assert handle.result().token_ids == alone.token_ids
     runtime.unload_adapter("lower")  # its slot, for the next parameter
+
+
+def test_training_under_load_waits_for_a_run_to_fit(trained, monkeypatch):
+    """Under load (pipelined) training starts only when ``unified_run`` unified steps in
+    a row would meet every request's deadline for the run's last token, the first timed
+    as one after a serving step and the others as queued ones; behind a unified step in
+    flight, one more needs only its own token's deadline."""
+    runtime, *_ = trained
+    # Both kinds of unified step were timed while the job trained under load.
+    assert set(runtime._unified_seconds) == {False, True}
+    monkeypatch.setattr(runtime, "_wants_training", lambda *_: False)
+    handle = runtime.submit("copy: abc =>", sampling=greedy(8))
+    while len(handle.output().token_ids) < 2:
+        runtime.step()
+    runtime.land()
+    monkeypatch.undo()
+    (request,) = runtime._requests.values()
+    due = CONFIG.slo.deadline(request.arrival, request.token_times)  # its next token
+    tpot, margin = CONFIG.slo.tpot_s, runtime.policy.margin
+    monkeypatch.setattr(runtime, "_unified_seconds", {False: 0.10, True: 0.08})
+    monkeypatch.setattr(runtime, "_train_seconds", 1.0)  # its share guaranteed already
+    monkeypatch.setattr(runtime, "_active_seconds", 1.0)
+    for run, seconds in ((1, 0.10), (2, 0.18), (3, 0.26)):
+        config = dataclasses.replace(CONFIG, pipeline="always", unified_run=run)
+        monkeypatch.setattr(runtime, "runtime_config", config)
+        latest = due + (run - 1) * tpot - margin * seconds
+        assert runtime._wants_training(latest - 1e-6, pipeline=True)
+        assert not runtime._wants_training(latest + 1e-6, pipeline=True)
+        # Unified steps that land themselves do not queue: one at a time.
+        assert runtime._wants_training(due - margin * 0.10 - 1e-6, pipeline=False)
+        assert not runtime._wants_training(due - margin * 0.10 + 1e-6, pipeline=False)
+    # A unified step in flight since 0.03 s before now: 0.07 s of it left, then 0.08 s.
+    for now, trains in ((due - margin * 0.15 - 1e-6, True), (due - margin * 0.15 + 1e-6, False)):
+        flight = _UnifiedFlight(None, None, (), None, (), None, started_at=now - 0.03, timed=True)
+        monkeypatch.setattr(runtime, "_in_flight", flight)
+        assert runtime._run_seconds(now, 1) == pytest.approx(0.07 + 0.08)
+        assert runtime._wants_training(now, pipeline=True) == trains
+    monkeypatch.undo()
+    handle.cancel()
+    runtime.run_until_idle()
 
 
 def test_dataset_errors_name_the_line(tmp_path):

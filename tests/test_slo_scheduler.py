@@ -27,6 +27,14 @@ def test_a_token_in_flight_moves_the_deadline_to_the_next():
         SLO.deadline(10.0, [], in_flight=1)
 
 
+def test_a_run_of_steps_is_due_by_its_last_token():
+    # Two more tokens after the next: two TPOTs later; a first token: its TTFT deadline.
+    assert SLO.deadline(10.0, [10.5], later=2) == pytest.approx(10.65)
+    assert SLO.deadline(10.0, [10.5], in_flight=1, later=1) == SLO.deadline(10.0, [10.5], later=2)
+    assert SLO.deadline(10.0, [], later=3) == SLO.deadline(10.0, []) == 12.0
+    assert SLO.deadline(10.0, [], in_flight=1, now=11.0, later=1) == pytest.approx(11.1)
+
+
 @given(
     arrival=st.floats(0, 10),
     fractions=st.lists(st.floats(0, 1), min_size=1, max_size=20),
