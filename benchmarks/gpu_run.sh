@@ -8,7 +8,7 @@
 # finetune4_memory_report, loss_memory, host_dispatch, finetune_profile, finetune4, inference,
 # peft, unified, unified_runs, unified_seq512, unified_host, unified_host512,
 # unified_no_requests, scaling, scaling_1gpu, cmdbuf_modes, finetune_cmdbuf,
-# finetune_cmdbuf_stable, unified_cmdbuf, unified_stable, save_cache.
+# finetune_cmdbuf_stable, unified_cmdbuf, unified_cmdbuf_stable, unified_stable, save_cache.
 #
 # "scaling" runs bench_scaling.py on every mesh the host has devices for (1, 2, 4, 8
 # GPUs; NCCL_NVLS_ENABLE=0 below) after its check; a call has 10 minutes, so a multi-GPU
@@ -142,6 +142,13 @@ for p in "$@"; do
         --drain 10 --alone 8 --out "$OUT/unified_cmdbuf.jsonl"
       python3 benchmarks/cmdbuf_log_summary.py "$OUT/unified_cmdbuf.log" | tee "$OUT/unified_cmdbuf_summary.txt"
       gzip -f "$OUT/unified_cmdbuf.log" ;;
+    unified_cmdbuf_stable)  # unified_cmdbuf under cmdbuf_stable_flags
+      flags=$(cmdbuf_stable_flags)
+      echo "=== unified_cmdbuf_stable: XLA_FLAGS=$flags"
+      phase unified_cmdbuf_stable 420 env $CMDBUF_LOG XLA_FLAGS="$flags" python3 benchmarks/bench_unified.py \
+        --rates 2 --duration 15 --drain 15 --alone 8 --metrics-dir "$OUT/cmdbuf_stable" --out "$OUT/unified_cmdbuf_stable.jsonl"
+      python3 benchmarks/cmdbuf_log_summary.py "$OUT/unified_cmdbuf_stable.log" | tee "$OUT/unified_cmdbuf_stable_summary.txt"
+      gzip -f "$OUT/unified_cmdbuf_stable.log" ;;
     unified_stable)  # the "unified" phase under cmdbuf_stable_flags
       flags=$(cmdbuf_stable_flags)
       echo "=== unified_stable: XLA_FLAGS=$flags"
