@@ -29,9 +29,8 @@ rows, ``loqjax.sampling.SamplingStages``; ``Runtime.warmup`` compiles them up fr
 A training step is much slower than a decode step, so the policy runs one only when every
 request in flight can afford it against its TTFT/TPOT deadline (decode steps bank slack,
 training steps spend it), and always while fine-tuning has had less than its guaranteed
-share of the step time. Under load it waits until a run of ``unified_run`` training steps
-fits, and goes on while one more does: a unified step queued behind another hides its
-host work behind the device's, one after a serving step cannot.
+share of the step time. Under load it can wait until a run of ``unified_run`` training
+steps fits (default 1), then goes on while one more does.
 
 Adapter lifecycle: ``add_job`` loads a fresh adapter into the registry under the job's
 name, so requests can name it from then on and get its current weights (the tables are
@@ -124,10 +123,13 @@ class RuntimeConfig:
         meeting the TPOT/TTFT SLO for every request.
       unified_run: under serving load, pipelined, the policy starts training only when
         this many unified steps in a row would meet every request's deadlines, and goes on
-        while one more would. A unified step queued behind another costs the device's
-        time alone; one after a serving step costs its host's packing and dispatch too
-        (Llama-3-8B shape on an H200, 2 req/s: 81 against 106 ms from its start to its
-        landing, RESULTS.md run 42), so runs pay that once. 1 trains whenever one fits.
+        while one more would (1, the default: whenever one fits). A unified step queued
+        behind another costs the device's time alone, one after a serving step its host's
+        packing and dispatch too (Llama-3-8B shape on an H200, 2 req/s: 81 against 106 ms
+        from its start to its landing, RESULTS.md run 42). But runs of 2 trained no more
+        (run 43: 8,875 / 8,602 / 7,782 tok/s at 1 / 2 / 4 req/s against 8,875 / 8,602 /
+        7,646), a run's first step then taking longer, and doubled the p99 gap between
+        tokens (108 -> 197 ms at 1 req/s).
     """
 
     serving: EngineConfig = EngineConfig(
@@ -140,7 +142,7 @@ class RuntimeConfig:
     slo: SloTargets = SloTargets()
     backward: Backward = "save"
     pipeline: Literal["no_requests", "always", "never"] = "always"
-    unified_run: int = 2
+    unified_run: int = 1
 
     def __post_init__(self):
         if self.pipeline not in ("no_requests", "always", "never"):
