@@ -155,13 +155,9 @@ def measure_ceilings(tiny: bool) -> dict:
     }
 
 
-def kernel_profile(run, top: int | None = 25) -> list[dict]:
-    """The ``top`` GPU kernels (all of them with None) of one ``run()`` by total device
-    time, from a profiler trace: [{"kernel", "calls", "total_ms", "share", "idle_ms"}],
-    ``idle_ms`` being the time the stream sat idle just before that kernel's launches
-    (launch-bound gaps land there); then {"kernel": "ALL", "calls", "total_ms",
-    "idle_ms", "span_ms"}, span being first start to last end. Only the ALL row off GPU."""
-    import collections
+def _profiler_trace(run) -> tuple[list[dict], dict]:
+    """The perfetto events of one ``run()`` (blocked on), and {(pid, tid): name} of the
+    trace's processes and threads."""
     import glob
     import gzip
     import tempfile
@@ -177,12 +173,24 @@ def kernel_profile(run, top: int | None = 25) -> list[dict]:
         for e in events
         if e.get("ph") == "M" and e.get("name") in ("process_name", "thread_name")
     }
+    return events, threads
+
+
+def _on_stream(event: dict, threads: dict) -> bool:
+    return "Stream" in threads.get((event.get("pid"), event.get("tid")), "")
+
+
+def kernel_profile(run, top: int | None = 25) -> list[dict]:
+    """The ``top`` GPU kernels (all of them with None) of one ``run()`` by total device
+    time, from a profiler trace: [{"kernel", "calls", "total_ms", "share", "idle_ms"}],
+    ``idle_ms`` being the time the stream sat idle just before that kernel's launches
+    (launch-bound gaps land there); then {"kernel": "ALL", "calls", "total_ms",
+    "idle_ms", "span_ms"}, span being first start to last end. Only the ALL row off GPU."""
+    import collections
+
+    events, threads = _profiler_trace(run)
     kernels = sorted(
-        (
-            e
-            for e in events
-            if e.get("ph") == "X" and "Stream" in threads.get((e.get("pid"), e.get("tid")), "")
-        ),
+        (e for e in events if e.get("ph") == "X" and _on_stream(e, threads)),
         key=lambda e: e["ts"],
     )
     totals, calls, idle = collections.Counter(), collections.Counter(), collections.Counter()
@@ -212,6 +220,48 @@ def kernel_profile(run, top: int | None = 25) -> list[dict]:
             "idle_ms": sum(idle.values()) / 1e3,
             "span_ms": span / 1e3,
         }
+    ]
+
+
+def host_profile(run, top: int = 40) -> list[dict]:
+    """Where the host's time goes in one ``run()``: the ``top`` host-side trace events
+    (XLA's and PjRt's TraceMe scopes, Python calls) by self time, the time inside an
+    event and not inside an event nested in it on the same thread:
+    [{"thread", "event", "calls", "self_ms", "total_ms"}]. Numbers in the events' names
+    (fusion.12, thunk ids) are dropped so that one kind of launch sums to one row."""
+    import collections
+    import re
+
+    events, threads = _profiler_trace(run)
+    by_thread = collections.defaultdict(list)
+    for e in events:
+        if e.get("ph") == "X" and not _on_stream(e, threads):
+            by_thread[(e["pid"], e.get("tid"))].append(e)
+    self_us, total_us, calls = collections.Counter(), collections.Counter(), collections.Counter()
+    for key, thread_events in by_thread.items():
+        thread = re.sub(r"\d+", "#", threads.get(key, str(key[1])))
+        # Parents first: earlier start, and the longer of two that start together.
+        thread_events.sort(key=lambda e: (e["ts"], -e["dur"]))
+        open_events: list[tuple[float, tuple]] = []  # (end, row key) of the enclosing events
+        for e in thread_events:
+            while open_events and open_events[-1][0] <= e["ts"]:
+                open_events.pop()
+            row = (thread, re.sub(r"\d+", "#", e["name"])[:100])
+            if open_events:
+                self_us[open_events[-1][1]] -= e["dur"]
+            self_us[row] += e["dur"]
+            total_us[row] += e["dur"]
+            calls[row] += 1
+            open_events.append((e["ts"] + e["dur"], row))
+    return [
+        {
+            "thread": thread,
+            "event": event,
+            "calls": calls[(thread, event)],
+            "self_ms": us / 1e3,
+            "total_ms": total_us[(thread, event)] / 1e3,
+        }
+        for (thread, event), us in self_us.most_common(top)
     ]
 
 

@@ -32,6 +32,7 @@ import argparse
 import importlib
 import time
 
+import jax
 import numpy as np
 
 from loqjax import AdapterRegistry, LoraConfig, add_lora_tables
@@ -43,6 +44,7 @@ from loqjax.unified import TrainState, make_unified_step, split_model
 from bench_common import (
     Rows,
     Timer,
+    host_profile,
     kernel_profile,
     measure_ceilings,
     model_config,
@@ -69,7 +71,15 @@ def main(argv=None):
     parser.add_argument("--backward", nargs="+", default=["save"], choices=["save", "recompute"])
     parser.add_argument("--schedules", nargs="+", default=["lhs"], choices=list(SCHEDULES))
     parser.add_argument("--sync", nargs="+", default=["each"], choices=["each", "lagged"])
+    parser.add_argument(
+        "--same-batch",
+        action="store_true",
+        help="time every step on one device-resident batch (whose buffers do not move)",
+    )
     parser.add_argument("--profile", action="store_true", help="kernel times of one step")
+    parser.add_argument(
+        "--host-profile", action="store_true", help="the host's time in one step, by trace event"
+    )
     parser.add_argument("--out", default=None, help="append JSON rows to this file")
     args = parser.parse_args(argv)
     seq_len = args.seq_len or (16 if args.tiny else 1024)
@@ -112,7 +122,10 @@ def main(argv=None):
                     float(out.loss[0])
             timings, dispatch_s, losses_of = {}, {}, {}
             for sync in args.sync:
-                batches = [batch() for _ in range(steps)]
+                if args.same_batch:
+                    batches = [jax.device_put(batch())] * steps
+                else:
+                    batches = [batch() for _ in range(steps)]
                 print(f"# {n} adapter(s), sync {sync}: {steps} timed steps", flush=True)
                 with Timer() as timings[sync]:
                     state, out, losses, dispatch_s[sync] = timed_steps(
@@ -121,16 +134,19 @@ def main(argv=None):
                 losses_of[sync] = float(losses[0])
                 updated = np.asarray(out.updated)
                 assert np.isfinite(losses[:n]).all() and updated[:n].all(), (losses, updated)
+            profiled = batches[0] if args.same_batch else batch()
+
+            def one_step(profiled=profiled, step=step):
+                nonlocal state
+                state, _, out = step(frozen, state, profiled, None)
+                return out.loss
+
             if args.profile:
-                profiled = batch()
-
-                def one_step(profiled=profiled, step=step):
-                    nonlocal state
-                    state, _, out = step(frozen, state, profiled, None)
-                    return out.loss
-
                 for row in kernel_profile(one_step):
                     rows.add(variant=f"profile {n}", backward=backward, schedule=schedule, **row)
+            if args.host_profile:
+                for row in host_profile(one_step):
+                    rows.add(variant=f"host {n}", backward=backward, schedule=schedule, **row)
             # The persistent compilation cache makes this compile a lookup on a GPU run.
             compiled = step.lower(frozen, state, batch(), None).compile()
             temp_gib = compiled.memory_analysis().temp_size_in_bytes / 2**30
@@ -142,6 +158,7 @@ def main(argv=None):
                     backward=backward,
                     schedule=schedule,
                     sync=sync,
+                    same_batch=args.same_batch,
                     n_adapters=n,
                     rows=num_rows,
                     seq_len=seq_len,

@@ -7,8 +7,9 @@
 # finetune, finetune_schedules, finetune_sync, finetune4_backward, finetune4_recompute,
 # finetune4_memory_report, loss_memory, host_dispatch, finetune_profile, finetune4, inference,
 # peft, unified, unified_runs, unified_seq512, unified_host, unified_host512,
-# unified_no_requests, scaling, scaling_1gpu, cmdbuf_modes, finetune_cmdbuf,
-# finetune_cmdbuf_stable, unified_cmdbuf, unified_cmdbuf_stable, unified_stable, save_cache.
+# unified_no_requests, scaling, scaling_1gpu, cmdbuf_modes, finetune_host,
+# finetune_host_same, finetune_host_nocmdbuf, finetune_cmdbuf, finetune_cmdbuf_stable,
+# unified_cmdbuf, unified_cmdbuf_stable, unified_stable, save_cache.
 #
 # "scaling" runs bench_scaling.py on every mesh the host has devices for (1, 2, 4, 8
 # GPUs; NCCL_NVLS_ENABLE=0 below) after its check; a call has 10 minutes, so a multi-GPU
@@ -59,6 +60,14 @@ phase() {  # phase NAME SECONDS COMMAND...
   local rc=$?
   echo "=== $name rc=$rc $((SECONDS - start))s"
   tail -n 25 "$OUT/$name.log"
+}
+
+cmdbuf_phase() {  # cmdbuf_phase NAME SECONDS [VAR=VALUE...] COMMAND...: XLA's command-buffer log summarized
+  local name=$1 limit=$2
+  shift 2
+  phase "$name" "$limit" env $CMDBUF_LOG "$@"
+  python3 benchmarks/cmdbuf_log_summary.py "$OUT/$name.log" | tee "$OUT/${name}_summary.txt"
+  gzip -f "$OUT/$name.log"
 }
 
 for p in "$@"; do
@@ -126,29 +135,29 @@ for p in "$@"; do
         strings \$(python3 -c 'import jaxlib, os; print(os.path.dirname(jaxlib.__file__))')/*.so \
         | grep -E '^(ALWAYS_UPDATE|NEVER_UPDATE|CAPTURE_CMD_NEVER_UPDATE|SKIP_TEMP|SKIP_PROFILED|DYNAMIC_ALLOCATE|VMM_PERSISTENT_TEMP)\$' | sort -u; \
         echo \"stable flags: $(cmdbuf_stable_flags)\"" ;;
+    finetune_host)  # one adapter's unified step: where the host's time goes, by trace event
+      cmdbuf_phase finetune_host 230 $CMDBUF_FINETUNE --host-profile --out "$OUT/finetune_host.jsonl" ;;
+    finetune_host_same)  # finetune_host with every step on one device-resident batch
+      cmdbuf_phase finetune_host_same 230 $CMDBUF_FINETUNE --same-batch --host-profile \
+        --out "$OUT/finetune_host_same.jsonl" ;;
+    finetune_host_nocmdbuf)  # the same with XLA's command buffers off
+      phase finetune_host_nocmdbuf 230 env XLA_FLAGS="--xla_gpu_enable_command_buffer=" $CMDBUF_FINETUNE \
+        --host-profile --out "$OUT/finetune_host_nocmdbuf.jsonl" ;;
     finetune_cmdbuf)  # one adapter's unified step, XLA's command-buffer log summarized
-      phase finetune_cmdbuf 260 env $CMDBUF_LOG $CMDBUF_FINETUNE --out "$OUT/finetune_cmdbuf.jsonl"
-      python3 benchmarks/cmdbuf_log_summary.py "$OUT/finetune_cmdbuf.log" | tee "$OUT/finetune_cmdbuf_summary.txt"
-      gzip -f "$OUT/finetune_cmdbuf.log" ;;
+      cmdbuf_phase finetune_cmdbuf 260 $CMDBUF_FINETUNE --out "$OUT/finetune_cmdbuf.jsonl" ;;
     finetune_cmdbuf_stable)  # the same under cmdbuf_stable_flags
       flags=$(cmdbuf_stable_flags)
       echo "=== finetune_cmdbuf_stable: XLA_FLAGS=$flags"
-      phase finetune_cmdbuf_stable 260 env $CMDBUF_LOG XLA_FLAGS="$flags" $CMDBUF_FINETUNE \
-        --out "$OUT/finetune_cmdbuf_stable.jsonl"
-      python3 benchmarks/cmdbuf_log_summary.py "$OUT/finetune_cmdbuf_stable.log" | tee "$OUT/finetune_cmdbuf_stable_summary.txt"
-      gzip -f "$OUT/finetune_cmdbuf_stable.log" ;;
+      cmdbuf_phase finetune_cmdbuf_stable 260 XLA_FLAGS="$flags" $CMDBUF_FINETUNE \
+        --out "$OUT/finetune_cmdbuf_stable.jsonl" ;;
     unified_cmdbuf)  # the runtime alone, then at 2 req/s, XLA's command-buffer log summarized
-      phase unified_cmdbuf 480 env $CMDBUF_LOG python3 benchmarks/bench_unified.py --rates 2 --duration 10 \
-        --drain 10 --alone 8 --out "$OUT/unified_cmdbuf.jsonl"
-      python3 benchmarks/cmdbuf_log_summary.py "$OUT/unified_cmdbuf.log" | tee "$OUT/unified_cmdbuf_summary.txt"
-      gzip -f "$OUT/unified_cmdbuf.log" ;;
+      cmdbuf_phase unified_cmdbuf 480 python3 benchmarks/bench_unified.py --rates 2 --duration 10 \
+        --drain 10 --alone 8 --out "$OUT/unified_cmdbuf.jsonl" ;;
     unified_cmdbuf_stable)  # unified_cmdbuf under cmdbuf_stable_flags
       flags=$(cmdbuf_stable_flags)
       echo "=== unified_cmdbuf_stable: XLA_FLAGS=$flags"
-      phase unified_cmdbuf_stable 420 env $CMDBUF_LOG XLA_FLAGS="$flags" python3 benchmarks/bench_unified.py \
-        --rates 2 --duration 15 --drain 15 --alone 8 --metrics-dir "$OUT/cmdbuf_stable" --out "$OUT/unified_cmdbuf_stable.jsonl"
-      python3 benchmarks/cmdbuf_log_summary.py "$OUT/unified_cmdbuf_stable.log" | tee "$OUT/unified_cmdbuf_stable_summary.txt"
-      gzip -f "$OUT/unified_cmdbuf_stable.log" ;;
+      cmdbuf_phase unified_cmdbuf_stable 420 XLA_FLAGS="$flags" python3 benchmarks/bench_unified.py \
+        --rates 2 --duration 15 --drain 15 --alone 8 --metrics-dir "$OUT/cmdbuf_stable" --out "$OUT/unified_cmdbuf_stable.jsonl" ;;
     unified_stable)  # the "unified" phase under cmdbuf_stable_flags
       flags=$(cmdbuf_stable_flags)
       echo "=== unified_stable: XLA_FLAGS=$flags"
