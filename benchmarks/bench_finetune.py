@@ -76,12 +76,20 @@ def main(argv=None):
         action="store_true",
         help="time every step on one device-resident batch (whose buffers do not move)",
     )
+    parser.add_argument(
+        "--reuse-outputs",
+        action="store_true",
+        help="each step's outputs in the last step's (donated) buffers; with --same-batch and "
+        "--sync each, no buffer of the step moves between calls",
+    )
     parser.add_argument("--profile", action="store_true", help="kernel times of one step")
     parser.add_argument(
         "--host-profile", action="store_true", help="the host's time in one step, by trace event"
     )
     parser.add_argument("--out", default=None, help="append JSON rows to this file")
     args = parser.parse_args(argv)
+    if args.reuse_outputs and args.sync != ["each"]:
+        parser.error("--reuse-outputs donates each step's outputs to the next: --sync each only")
     seq_len = args.seq_len or (16 if args.tiny else 1024)
     steps = args.steps or (2 if args.tiny else 10)
     config = model_config(args.tiny)
@@ -108,6 +116,7 @@ def main(argv=None):
     for backward, schedule in [(b, s) for b in args.backward for s in args.schedules]:
         UNIFIED.UNIFIED_COMPILER_OPTIONS = SCHEDULES[schedule]
         step = make_unified_step(graphdef, optimizer, backward=backward, leaves_of=leaves_of)
+        timed_step = outputs_in_place(step) if args.reuse_outputs else step
         for n in sorted(args.adapters):
             num_rows = n * args.seqs * seq_len
 
@@ -118,7 +127,7 @@ def main(argv=None):
 
             with Timer() as warm:
                 for _ in range(args.warmup):
-                    state, _, out = step(frozen, state, batch(), None)
+                    state, _, out = timed_step(frozen, state, batch(), None)
                     float(out.loss[0])
             timings, dispatch_s, losses_of = {}, {}, {}
             for sync in args.sync:
@@ -129,14 +138,14 @@ def main(argv=None):
                 print(f"# {n} adapter(s), sync {sync}: {steps} timed steps", flush=True)
                 with Timer() as timings[sync]:
                     state, out, losses, dispatch_s[sync] = timed_steps(
-                        step, frozen, state, batches, sync
+                        timed_step, frozen, state, batches, sync
                     )
                 losses_of[sync] = float(losses[0])
                 updated = np.asarray(out.updated)
                 assert np.isfinite(losses[:n]).all() and updated[:n].all(), (losses, updated)
             profiled = batches[0] if args.same_batch else batch()
 
-            def one_step(profiled=profiled, step=step):
+            def one_step(profiled=profiled, step=timed_step):
                 nonlocal state
                 state, _, out = step(frozen, state, profiled, None)
                 return out.loss
@@ -147,9 +156,12 @@ def main(argv=None):
             if args.host_profile:
                 for row in host_profile(one_step):
                     rows.add(variant=f"host {n}", backward=backward, schedule=schedule, **row)
-            # The persistent compilation cache makes this compile a lookup on a GPU run.
-            compiled = step.lower(frozen, state, batch(), None).compile()
-            temp_gib = compiled.memory_analysis().temp_size_in_bytes / 2**30
+            # The persistent compilation cache makes this compile a lookup on a GPU run;
+            # with --reuse-outputs, the step alone was never compiled: not measured.
+            temp_gib = None
+            if not args.reuse_outputs:
+                compiled = step.lower(frozen, state, batch(), None).compile()
+                temp_gib = compiled.memory_analysis().temp_size_in_bytes / 2**30
             for sync, timed in timings.items():
                 tokens_per_s = num_rows * steps / timed.seconds
                 tflops = flops_per_token * tokens_per_s / 1e12
@@ -159,6 +171,7 @@ def main(argv=None):
                     schedule=schedule,
                     sync=sync,
                     same_batch=args.same_batch,
+                    reuse_outputs=args.reuse_outputs,
                     n_adapters=n,
                     rows=num_rows,
                     seq_len=seq_len,
@@ -187,6 +200,30 @@ def main(argv=None):
             "temp_gib",
         ]
     )
+
+
+def outputs_in_place(step):
+    """``step`` whose outputs (``StepOutput``) take the buffers of the last call's, donated
+    (zeros before the first call): XLA updates a command buffer for every buffer that
+    moved since its last call, and a jitted call's outputs are new buffers unless they
+    alias donated inputs. The last output is deleted by the next call."""
+    previous = None
+
+    def into(frozen, state, batch, cache, previous):
+        del previous  # donated: its buffers hold this step's outputs
+        return step(frozen, state, batch, cache)
+
+    jitted = jax.jit(into, donate_argnums=(1, 4))
+
+    def call(frozen, state, batch, cache):
+        nonlocal previous
+        if previous is None:
+            shapes = jax.eval_shape(step, frozen, state, batch, cache)[2]
+            previous = jax.tree.map(lambda s: jax.numpy.zeros(s.shape, s.dtype), shapes)
+        state, cache, previous = jitted(frozen, state, batch, cache, previous)
+        return state, cache, previous
+
+    return call
 
 
 def timed_steps(step, frozen, state, batches, sync):

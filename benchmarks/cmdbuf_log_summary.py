@@ -7,7 +7,7 @@ updated, how long the updates took and how many buffer allocations had moved.
 
 The log is cut at each of the benchmark's JSON rows and "# " progress lines (bench_finetune
 prints one before each timed loop); each part is summarized apart, under the line that ends
-it.
+it; parts with nothing logged are left out.
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ import re
 UPDATE = re.compile(r"Update command buffer.*num_commands=(\d+).*updated_allocs=(\d+)")
 UPDATED = re.compile(r"Updated command buffer in (\d+) \S+; num_commands=(\d+)")
 INITIALIZED = re.compile(r"Initialized command buffer on device.* in (\d+) \S+; num_commands=(\d+)")
-EXECUTE = re.compile(r"Execute command buffer on device")
+# "on device ..." in older XLA, "; num_executions=..." in jaxlib 0.11.2.
+EXECUTE = re.compile(r"Execute command buffer( on device|;)")
 # A new executable evicts every other's command buffers; they are recorded afresh.
 EVICTED = re.compile(r"Evicted (\d+) command buffer")
 
@@ -56,13 +57,15 @@ def main(argv=None):
     args = parser.parse_args(argv)
     with open(args.log, errors="replace") as f:
         for variant, executes, stats in summarize(f):
+            if not executes and not stats:
+                continue
             evicted = stats.pop("evicted", {}).get("evicted", 0)
             updates = sum(c["updates"] for c in stats.values())
             micros = sum(c["update_us"] for c in stats.values())
             inits = sum(c["inits"] for c in stats.values())
             init_ms = sum(c["init_us"] for c in stats.values()) / 1e3
             print(
-                f"== {variant}: {executes} executions, {updates} updates, {micros / 1e3:.1f} ms; "
+                f"== up to {variant}: {executes} executions, {updates} updates, {micros / 1e3:.1f} ms; "
                 f"{inits} recordings, {init_ms:.1f} ms; {evicted} evicted"
             )
             for commands, c in sorted(stats.items(), key=lambda kv: -kv[1]["update_us"])[:12]:

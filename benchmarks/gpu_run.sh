@@ -8,8 +8,8 @@
 # finetune4_memory_report, loss_memory, host_dispatch, finetune_profile, finetune4, inference,
 # peft, unified, unified_runs, unified_seq512, unified_host, unified_host512,
 # unified_no_requests, scaling, scaling_1gpu, cmdbuf_modes, finetune_host,
-# finetune_host_same, finetune_host_nocmdbuf, finetune_cmdbuf, finetune_cmdbuf_stable,
-# unified_cmdbuf, unified_cmdbuf_stable, unified_stable, save_cache.
+# finetune_host_same, finetune_host_fixed, finetune_host_nocmdbuf, finetune_cmdbuf,
+# finetune_cmdbuf_stable, unified_cmdbuf, unified_cmdbuf_stable, unified_stable, save_cache.
 #
 # "scaling" runs bench_scaling.py on every mesh the host has devices for (1, 2, 4, 8
 # GPUs; NCCL_NVLS_ENABLE=0 below) after its check; a call has 10 minutes, so a multi-GPU
@@ -140,6 +140,9 @@ for p in "$@"; do
     finetune_host_same)  # finetune_host with every step on one device-resident batch
       cmdbuf_phase finetune_host_same 230 $CMDBUF_FINETUNE --same-batch --host-profile \
         --out "$OUT/finetune_host_same.jsonl" ;;
+    finetune_host_fixed)  # finetune_host with no buffer moving between calls
+      cmdbuf_phase finetune_host_fixed 230 python3 benchmarks/bench_finetune.py --adapters 1 --steps 8 \
+        --sync each --same-batch --reuse-outputs --host-profile --out "$OUT/finetune_host_fixed.jsonl" ;;
     finetune_host_nocmdbuf)  # the same with XLA's command buffers off
       phase finetune_host_nocmdbuf 230 env XLA_FLAGS="--xla_gpu_enable_command_buffer=" $CMDBUF_FINETUNE \
         --host-profile --out "$OUT/finetune_host_nocmdbuf.jsonl" ;;
