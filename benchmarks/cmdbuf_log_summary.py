@@ -65,8 +65,8 @@ def main(argv=None):
             inits = sum(c["inits"] for c in stats.values())
             init_ms = sum(c["init_us"] for c in stats.values()) / 1e3
             print(
-                f"== up to {variant}: {executes} executions, {updates} updates, {micros / 1e3:.1f} ms; "
-                f"{inits} recordings, {init_ms:.1f} ms; {evicted} evicted"
+                f"== up to {variant}: {executes} executions, {updates} updates, "
+                f"{micros / 1e3:.1f} ms; {inits} recordings, {init_ms:.1f} ms; {evicted} evicted"
             )
             for commands, c in sorted(stats.items(), key=lambda kv: -kv[1]["update_us"])[:12]:
                 mean_allocs = c["updated_allocs"] / max(c["updates"], 1)
