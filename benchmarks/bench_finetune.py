@@ -24,6 +24,12 @@ per layer, forward and backward), against the bf16 matmul rate measured in the s
 and the device's peak memory so far (jax's ``peak_bytes_in_use``; the runs go in ascending
 memory order, so each row's peak is its own: give ``--schedules lhs concurrent`` in that
 order), and the compiled step's temporaries.
+
+For the host's side of a step: ``--profile`` adds the kernel times of one more step,
+``--host-profile`` its host-side trace events by self time (``bench_common.host_profile``);
+``--same-batch`` times every step on one device-resident batch and ``--reuse-outputs`` puts
+each step's outputs in the last step's donated buffers, so that neither moves between calls
+(what XLA's command buffers re-record for: RESULTS.md, runs 44-47).
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ import importlib
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from loqjax import AdapterRegistry, LoraConfig, add_lora_tables
@@ -79,8 +86,8 @@ def main(argv=None):
     parser.add_argument(
         "--reuse-outputs",
         action="store_true",
-        help="each step's outputs in the last step's (donated) buffers; with --same-batch and "
-        "--sync each, no buffer of the step moves between calls",
+        help="each step's outputs in the last step's (donated) buffers, so that they do not "
+        "move between calls (--sync each only)",
     )
     parser.add_argument("--profile", action="store_true", help="kernel times of one step")
     parser.add_argument(
@@ -219,7 +226,7 @@ def outputs_in_place(step):
         nonlocal previous
         if previous is None:
             shapes = jax.eval_shape(step, frozen, state, batch, cache)[2]
-            previous = jax.tree.map(lambda s: jax.numpy.zeros(s.shape, s.dtype), shapes)
+            previous = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
         state, cache, previous = jitted(frozen, state, batch, cache, previous)
         return state, cache, previous
 

@@ -140,7 +140,7 @@ for p in "$@"; do
     finetune_host_same)  # finetune_host with every step on one device-resident batch
       cmdbuf_phase finetune_host_same 230 $CMDBUF_FINETUNE --same-batch --host-profile \
         --out "$OUT/finetune_host_same.jsonl" ;;
-    finetune_host_fixed)  # finetune_host with no buffer moving between calls
+    finetune_host_fixed)  # finetune_host with neither its batch nor its outputs moving between calls
       cmdbuf_phase finetune_host_fixed 230 python3 benchmarks/bench_finetune.py --adapters 1 --steps 8 \
         --sync each --same-batch --reuse-outputs --host-profile --out "$OUT/finetune_host_fixed.jsonl" ;;
     finetune_host_nocmdbuf)  # the same with XLA's command buffers off
