@@ -223,10 +223,10 @@ def kernel_profile(run, top: int | None = 25) -> list[dict]:
     ]
 
 
-def host_profile(run, top: int = 40) -> list[dict]:
-    """Where the host's time goes in one ``run()``: the ``top`` host-side trace events
-    (XLA's and PjRt's TraceMe scopes, Python calls) by self time, the time inside an
-    event and not inside an event nested in it on the same thread:
+def host_profile(run, top: int | None = 40) -> list[dict]:
+    """Where the host's time goes in one ``run()``: the ``top`` host-side trace events (all
+    of them with None; XLA's and PjRt's TraceMe scopes, Python calls) by self time, the
+    time inside an event and not inside an event nested in it on the same thread:
     [{"thread", "event", "calls", "self_ms", "total_ms"}]. Numbers in the events' names
     (fusion.12, thunk ids) are dropped so that one kind of launch sums to one row."""
     import collections
