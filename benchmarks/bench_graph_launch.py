@@ -78,7 +78,12 @@ def main(argv=None):
         w_in = jax.random.normal(key, (layers, d, f), jnp.bfloat16) / d**0.5
         w_out = jax.random.normal(key, (layers, f, d), jnp.bfloat16) / f**0.5
         for form, body in (("unrolled", unrolled), ("scan", scanned)):
-            fn = jax.jit(lambda x, body=body, w_in=w_in, w_out=w_out: body(x, w_in, w_out))
+            # The weights are arguments: closed over, they would be constants in the program.
+            jitted = jax.jit(body)
+
+            def fn(x, jitted=jitted, w_in=w_in, w_out=w_out):
+                return jitted(x, w_in, w_out)
+
             jax.block_until_ready(fn(same))  # compiles, records the graphs
             jax.block_until_ready(fn(fresh[-1]))
             for inputs, pick in (("same", lambda i: same), ("new", lambda i: fresh[i])):
