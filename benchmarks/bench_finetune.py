@@ -150,19 +150,21 @@ def main(argv=None):
                 losses_of[sync] = float(losses[0])
                 updated = np.asarray(out.updated)
                 assert np.isfinite(losses[:n]).all() and updated[:n].all(), (losses, updated)
-            profiled = batches[0] if args.same_batch else batch()
+            profilers = [
+                (f"profile {n}", kernel_profile) if args.profile else None,
+                (f"host {n}", host_profile) if args.host_profile else None,
+            ]
+            for variant, profile in filter(None, profilers):
+                # A batch drawn only when profiling: rng draws stay as without a profile.
+                profiled = batches[0] if args.same_batch else batch()
 
-            def one_step(profiled=profiled, step=timed_step):
-                nonlocal state
-                state, _, out = step(frozen, state, profiled, None)
-                return out.loss
+                def one_step(profiled=profiled, step=timed_step):
+                    nonlocal state
+                    state, _, out = step(frozen, state, profiled, None)
+                    return out.loss
 
-            if args.profile:
-                for row in kernel_profile(one_step):
-                    rows.add(variant=f"profile {n}", backward=backward, schedule=schedule, **row)
-            if args.host_profile:
-                for row in host_profile(one_step):
-                    rows.add(variant=f"host {n}", backward=backward, schedule=schedule, **row)
+                for row in profile(one_step):
+                    rows.add(variant=variant, backward=backward, schedule=schedule, **row)
             # The persistent compilation cache makes this compile a lookup on a GPU run;
             # with --reuse-outputs, the step alone was never compiled: not measured.
             temp_gib = None
