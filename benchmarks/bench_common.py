@@ -13,6 +13,7 @@ import dataclasses
 import datetime
 import functools
 import json
+import os
 import platform
 import shlex
 import sys
@@ -329,6 +330,7 @@ class Rows:
             "jax": jax.__version__,
             "python": platform.python_version(),
             "command": shlex.join([sys.executable, *sys.argv]),
+            "xla_flags": os.environ.get("XLA_FLAGS", ""),
         }
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)

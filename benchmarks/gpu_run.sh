@@ -8,7 +8,7 @@
 # finetune4_memory_report, loss_memory, host_dispatch, finetune_profile, finetune4, inference,
 # peft, unified, unified_runs, unified_seq512, unified_host, unified_host512,
 # unified_no_requests, scaling, scaling_1gpu, cmdbuf_modes, graph_launch, finetune_host,
-# finetune_host_same, finetune_host_fixed, finetune_host_nocmdbuf, finetune_cmdbuf,
+# finetune_host_same, finetune_host_fixed, finetune_host_nocmdbuf, cmdbuf_types, finetune_cmdbuf,
 # finetune_cmdbuf_stable, unified_cmdbuf, unified_cmdbuf_stable, unified_stable, save_cache.
 #
 # "scaling" runs bench_scaling.py on every mesh the host has devices for (1, 2, 4, 8
@@ -149,6 +149,13 @@ for p in "$@"; do
     finetune_host_nocmdbuf)  # the same with XLA's command buffers off
       phase finetune_host_nocmdbuf 230 env XLA_FLAGS="--xla_gpu_enable_command_buffer=" $CMDBUF_FINETUNE \
         --host-profile --out "$OUT/finetune_host_nocmdbuf.jsonl" ;;
+    cmdbuf_types)  # finetune_host's dispatch with cuBLAS or custom calls left out of the command buffers
+      for types in "" "FUSION,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL" "FUSION,CUBLAS,CUBLASLT,CUDNN,WHILE,CONDITIONAL"; do
+        name=cmdbuf_types_${types:-default}
+        phase "${name//,/_}" 180 env ${types:+XLA_FLAGS=--xla_gpu_enable_command_buffer=$types} \
+          python3 benchmarks/bench_finetune.py --adapters 1 --steps 6 --sync each --host-profile \
+          --out "$OUT/cmdbuf_types.jsonl"
+      done ;;
     finetune_cmdbuf)  # one adapter's unified step, XLA's command-buffer log summarized
       cmdbuf_phase finetune_cmdbuf 260 $CMDBUF_FINETUNE --out "$OUT/finetune_cmdbuf.jsonl" ;;
     finetune_cmdbuf_stable)  # the same under cmdbuf_stable_flags
