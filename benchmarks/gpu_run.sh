@@ -7,7 +7,7 @@
 # finetune, finetune_schedules, finetune_sync, finetune4_backward, finetune4_recompute,
 # finetune4_memory_report, loss_memory, host_dispatch, finetune_profile, finetune4, inference,
 # peft, unified, unified_runs, unified_seq512, unified_host, unified_host512,
-# unified_no_requests, scaling, scaling_1gpu, cmdbuf_modes, graph_launch, finetune_host,
+# unified_no_requests, scaling, scaling_1gpu, cmdbuf_modes, graph_launch, optimizer_dispatch, finetune_host,
 # finetune_host_same, finetune_host_fixed, finetune_host_nocmdbuf, cmdbuf_types, finetune_cmdbuf,
 # finetune_cmdbuf_stable, unified_cmdbuf, unified_cmdbuf_stable, unified_stable, save_cache.
 #
@@ -138,6 +138,8 @@ for p in "$@"; do
     graph_launch)  # host time of a jitted call against its kernels, layers unrolled or scanned
       phase graph_launch 150 python3 benchmarks/bench_graph_launch.py --layers 32 512 1536 \
         --out "$OUT/graph_launch.jsonl" ;;
+    optimizer_dispatch)  # the optimizer's update alone: tables per layer or stacked across layers
+      phase optimizer_dispatch 200 python3 benchmarks/bench_optimizer_dispatch.py --out "$OUT/optimizer_dispatch.jsonl" ;;
     finetune_host)  # one adapter's unified step: where the host's time goes, by trace event
       cmdbuf_phase finetune_host 230 $CMDBUF_FINETUNE --host-profile --out "$OUT/finetune_host.jsonl" ;;
     finetune_host_same)  # finetune_host with every step on one device-resident batch
