@@ -18,6 +18,15 @@ dropped for its slot, and an update that would make a slot's weights non-finite 
 learning rate that overflows them, a corrupted moment) is not applied; both are reported
 per slot (``SlotUpdate.nonfinite``), the slot keeping its bits.
 
+The state holds the tables stacked across layers (``LayerStacking``): a table's moments,
+gradient sum and master copy for every layer are one array [N, L, ...], so neither the
+update's kernels nor the jitted step's state arrays multiply with the layers. Per table of
+every layer, the 8B shape's 448 tables took 18.1 ms of host time to launch the update
+alone, against 0.7 ms stacked (``benchmarks/bench_optimizer_dispatch.py``, RESULTS.md run
+50). The price is one copy of the gradients a step into the stacked layout. The
+transformation sees one slot's stacked tables; elementwise and global-norm transformations
+(AdamW, clipping) are unchanged by that.
+
 Low-precision tables (bf16 adapters, computed in the base's dtype) keep a float32 master
 copy in the optimizer state: the transformation updates the master, and the tables get
 its rounding. Updating bf16 weights in place would lose every update below their 8-bit
@@ -38,6 +47,7 @@ import numpy as np
 import optax
 
 from loqjax.registry import write_slot
+from loqjax.sharding import LAYER
 
 
 def adamw(
@@ -94,6 +104,86 @@ def slot_where(mask: jax.Array, new, old):
     )
 
 
+def _key_name(key) -> str | int:
+    if isinstance(key, jax.tree_util.DictKey):
+        return key.key
+    if isinstance(key, jax.tree_util.SequenceKey):
+        return key.idx
+    return getattr(key, "name", str(key))
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerStacking:
+    """How the leaves of a params tree stack into one array per table across layers.
+
+    Leaves whose key paths differ only in integer keys (the layer index), with one shape
+    and dtype, form a group, stacked along a new axis 1 in their flattening order. Its
+    path is theirs with every integer key replaced by ``LAYER`` (a Variable's ``value``
+    key dropped); a leaf with no integer key is a group of one. Stacked trees are nested
+    dicts by those paths. Static: built from the tree's structure, at trace time.
+
+    Attributes:
+      treedef: the params' tree structure.
+      groups: (path, indices into the params' leaves, dtype) of each group.
+    """
+
+    treedef: jax.tree_util.PyTreeDef
+    groups: tuple[tuple[tuple, tuple[int, ...], np.dtype], ...]
+
+    @classmethod
+    def of(cls, params: optax.Params) -> LayerStacking:
+        flat, treedef = jax.tree_util.tree_flatten_with_path(params)
+        groups: dict[tuple, list[int]] = {}
+        for i, (path, leaf) in enumerate(flat):
+            names = tuple(
+                LAYER if isinstance(name, int) else name
+                for name in map(_key_name, path)
+                if name != "value"
+            )
+            groups.setdefault((names, np.shape(leaf), np.dtype(leaf.dtype)), []).append(i)
+        paths = [names for names, _, _ in groups]
+        if len(set(paths)) < len(paths):
+            raise ValueError(
+                "leaves that differ only in their layer index have different shapes or "
+                f"dtypes; they cannot stack: {sorted(p for p in paths if paths.count(p) > 1)}"
+            )
+        return cls(
+            treedef,
+            tuple((names, tuple(idx), dtype) for (names, _, dtype), idx in groups.items()),
+        )
+
+    def _nested(self, values) -> dict:
+        """{group path: value} as a nested dict."""
+        tree: dict = {}
+        for (names, _, _), value in zip(self.groups, values, strict=True):
+            node = tree
+            for name in names[:-1]:
+                node = node.setdefault(name, {})
+            node[names[-1]] = value
+        return tree
+
+    def stack(self, tree, dtype=None) -> dict:
+        """The stacked groups of ``tree`` (shaped like the params): [N, G, ...] each, cast
+        to ``dtype`` if given."""
+        leaves = self.treedef.flatten_up_to(tree)
+        groups = [jnp.stack([leaves[i] for i in indices], axis=1) for _, indices, _ in self.groups]
+        return self._nested(groups if dtype is None else [g.astype(dtype) for g in groups])
+
+    def cast(self, stacked: dict) -> dict:
+        """``stacked`` with each group in its params' dtype."""
+        dtypes = self._nested([dtype for _, _, dtype in self.groups])
+        return jax.tree.map(lambda group, dtype: group.astype(dtype), stacked, dtypes)
+
+    def unstack(self, stacked: dict):
+        """The tree shaped like the params whose leaves are the slices of ``stacked``."""
+        leaves = [None] * self.treedef.num_leaves
+        for names, indices, _ in self.groups:
+            group = functools.reduce(lambda node, name: node[name], names, stacked)
+            for j, i in enumerate(indices):
+                leaves[i] = group[:, j]
+        return self.treedef.unflatten(leaves)
+
+
 def _master_of(params: optax.Params) -> optax.Params | None:
     """A float32 copy of ``params`` if any leaf is of lower precision, else None."""
     if all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(params)):
@@ -105,12 +195,12 @@ class SlotOptState(NamedTuple):
     """Optimizer state of N slots; every leaf has the slot axis first.
 
     Attributes:
-      inner: the transformation's state, one copy per slot.
-      grad_sum: float32, like the params: gradient sums accumulated since the slot's last
-        update.
+      inner: the transformation's state of the stacked tables, one copy per slot.
+      grad_sum: float32, the stacked tables' shapes (``LayerStacking``): gradient sums
+        accumulated since the slot's last update.
       num_tokens: int32 [N], the loss tokens behind ``grad_sum``.
-      master: float32 copy of low-precision params, which the transformation updates;
-        None when every param is float32.
+      master: float32 copy of the stacked tables when they are of low precision, which the
+        transformation updates; None when every param is float32.
     """
 
     inner: optax.OptState
@@ -153,15 +243,21 @@ class SlotOptimizer:
 
     def init(self, params: optax.Params) -> SlotOptState:
         """Fresh state for ``params`` (leaves [N, ...])."""
-        grad_sum = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+        stacked = LayerStacking.of(params).stack(params)
+        grad_sum = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), stacked)
         num_slots = jax.tree.leaves(params)[0].shape[0]
-        master = _master_of(params)
+        master = _master_of(stacked)
         return SlotOptState(
-            jax.vmap(self.tx.init)(params if master is None else master),
+            jax.vmap(self.tx.init)(stacked if master is None else master),
             grad_sum,
             jnp.zeros((num_slots,), jnp.int32),
             master,
         )
+
+    def unstacked(self, stacked: dict, params: optax.Params):
+        """A stacked state tree (``grad_sum``, ``master``, a moment of ``inner``) as a tree
+        shaped like ``params``, one leaf per table."""
+        return LayerStacking.of(params).unstack(stacked)
 
     def update(
         self,
@@ -192,20 +288,18 @@ class SlotOptimizer:
         Returns:
           The new params and state, and what happened to each slot.
         """
+        stacking = LayerStacking.of(params)
+        grads = stacking.stack(grads, jnp.float32)
         present = num_tokens > 0
         nonfinite = present & ~(jnp.isfinite(losses) & jnp.isfinite(slot_norms(grads)))
         take = present & ~nonfinite
         # Where, not a masked add: x + 0.0 would turn -0.0 into +0.0.
-        grad_sum = slot_where(
-            take,
-            jax.tree.map(lambda s, g: s + g.astype(jnp.float32), state.grad_sum, grads),
-            state.grad_sum,
-        )
+        grad_sum = slot_where(take, jax.tree.map(jnp.add, state.grad_sum, grads), state.grad_sum)
         total = state.num_tokens + jnp.where(take, num_tokens, 0)
         ready = apply & (total > 0)
 
         denominator = jnp.maximum(total, 1).astype(jnp.float32)
-        weights = params if state.master is None else state.master
+        weights = stacking.stack(params) if state.master is None else state.master
         mean_grads = jax.tree.map(
             lambda s, p: (s / denominator.reshape((-1,) + (1,) * (s.ndim - 1))).astype(p.dtype),
             grad_sum,
@@ -213,7 +307,7 @@ class SlotOptimizer:
         )
         updates, inner = jax.vmap(self.tx.update)(mean_grads, state.inner, weights)
         stepped = optax.apply_updates(weights, updates)
-        rounded = jax.tree.map(lambda m, p: m.astype(p.dtype), stepped, params)
+        rounded = stacking.cast(stepped)
         # An update that overflows the weights (or comes from corrupt moments) is refused:
         # the slot keeps its bits, this micro-batch dropped as a non-finite one would be.
         # Only the weights are checked: some optax states hold infinities by design.
@@ -223,9 +317,10 @@ class SlotOptimizer:
         total = jnp.where(overflow, state.num_tokens, total)
         new_weights = slot_where(ready, stepped, weights)
         if state.master is None:
-            new_params, master = new_weights, None
+            new_params, master = stacking.unstack(new_weights), None
         else:
-            new_params, master = slot_where(ready, rounded, params), new_weights
+            new_params = slot_where(ready, stacking.unstack(rounded), params)
+            master = new_weights
         new_state = SlotOptState(
             slot_where(ready, inner, state.inner),
             slot_where(ready, jax.tree.map(jnp.zeros_like, grad_sum), grad_sum),
@@ -291,7 +386,7 @@ class SlotOptimizer:
 
         Host-side, between steps; ``state`` is donated.
         """
-        weights = jax.tree.map(lambda p: p[slot], params)
+        weights = jax.tree.map(lambda p: p[slot], LayerStacking.of(params).stack(params))
         master = None if state.master is None else _master_of(weights)
         fresh = self.tx.init(weights if master is None else master)
         grad_sum = jax.tree.map(lambda s: jnp.zeros(s.shape[1:], s.dtype), state.grad_sum)

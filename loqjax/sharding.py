@@ -33,7 +33,8 @@ The layout (``partition_spec``), Megatron-style over "model", everything replica
   M ways, for an all-reduce of the [T, d] looked-up rows and the softmax statistics.
 * KV cache pools [num_pages, page_size, Hkv, D]: split along the KV heads.
 * Norm scales, per-slot scalars (LoRA scales, optimizer counts and hyperparameters):
-  replicated. Optimizer state leaves shaped like a table take the table's layout.
+  replicated. Optimizer state leaves, a table stacked across layers [N, L, ...], take
+  the table's layout with the layer axis whole.
 
 Data parallelism is over the token axis of each step: where a projection's T rows split
 evenly over "data" they are sharded over it (norms, projections, adapters, head and
@@ -78,6 +79,7 @@ SPLITS: dict[str, Split] = {
     **dict.fromkeys(("o_proj", "down_proj"), "row"),
 }
 VOCAB_PARALLEL = ("embed_tokens", "lm_head")
+LAYER = "*"  # the key standing for the layer index in a stacked leaf's path (loqjax.optim)
 # A projection's leaves (key path below the projection) -> their ``WEIGHT_SPECS`` key.
 _WEIGHTS = {
     ("kernel",): "kernel",
@@ -120,6 +122,11 @@ def partition_spec(names: tuple[str, ...], shape: tuple[int, ...], model_size: i
     if model_size == 1:
         return P()
     names = tuple(n for n in names if n != "value")  # a Variable's own leaf
+    if LAYER in names:  # a table stacked across layers (``optim.LayerStacking``): axis 1
+        member = partition_spec(
+            tuple(n for n in names if n != LAYER), shape[:1] + shape[2:], model_size
+        )
+        return P(*member[:1], None, *member[1:]) if len(member) else P()
     for i, name in enumerate(names):
         if name in SPLITS:
             weight = _WEIGHTS.get(names[i + 1 :])

@@ -415,7 +415,10 @@ def test_job_checkpoint_round_trip_and_mismatches(hf_models, tmp_path):
         with pytest.raises(CheckpointRestoreError, match="'optimizer': missing arrays"):
             jobs.restore()
     for max_rank, message in [
-        (8, r"'optimizer': array .*adapters\.a\.value has shape \(\d+, 4\), expected \(\d+, 8\)"),
+        (
+            8,
+            r"'optimizer': array .*adapters\.a has shape \(\d+, \d+, 4\), expected \(\d+, \d+, 8\)",
+        ),
         (2, r"the adapter \(rank 3, .*\) does not fit the tables \(max_rank 2"),
     ]:
         other, _ = _resume_job.build(hf_models[ARCH].path, max_rank)

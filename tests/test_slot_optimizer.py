@@ -225,3 +225,46 @@ def test_bf16_tables_train_through_a_float32_master():
 
     hyperparams = SlotOptimizer(adamw()).init(params).inner.hyperparams
     assert all(v.dtype == jnp.float32 for v in hyperparams.values())
+
+
+def _layers(seed: int, num_layers: int = 3) -> dict:
+    """``_tables`` for each of ``num_layers`` layers, keyed by layer index as the model's
+    state is, plus one table outside the layers."""
+    layers = {i: _tables(seed + i) for i in range(num_layers)}
+    head = jax.random.normal(jax.random.key(seed + 99), (NUM_SLOTS, 6))
+    return {"layers": layers, "head": head}
+
+
+def test_state_stacks_tables_across_layers_and_updates_as_per_layer_optax():
+    """The state holds one array per table [N, L, ...]; ``unstacked`` gives it back per
+    layer; an update equals clipping + AdamW run on each slot's per-layer tree alone."""
+    opt = SlotOptimizer(adamw(1e-2, weight_decay=0.1, max_grad_norm=0.5))
+    params, grads = _layers(0), _layers(10)
+    state = opt.init(params)
+    shapes = {k: v.shape for k, v in state.grad_sum["layers"]["*"].items()}
+    assert shapes == {"a": (NUM_SLOTS, 3, 4, 2), "b": (NUM_SLOTS, 3, 2, 5)}
+    assert state.grad_sum["head"].shape == (NUM_SLOTS, 1, 6)
+    apply = jnp.array([True, False, True])
+    new, state, out = jax.jit(opt.update)(
+        params, state, grads, jnp.ones(NUM_SLOTS), jnp.array([1, 1, 0]), apply
+    )
+    assert out.updated.tolist() == [True, False, False]
+    tx = optax.chain(optax.clip_by_global_norm(0.5), optax.adamw(1e-2, weight_decay=0.1))
+    want = optax.apply_updates(
+        _slot(params, 0), tx.update(_slot(grads, 0), tx.init(_slot(params, 0)), _slot(params, 0))[0]
+    )
+    for got_leaf, want_leaf in zip(
+        jax.tree.leaves(_slot(new, 0)), jax.tree.leaves(want), strict=True
+    ):
+        np.testing.assert_allclose(got_leaf, want_leaf, rtol=1e-6, atol=1e-7)
+    assert _bits(new, 1) == _bits(params, 1) and _bits(new, 2) == _bits(params, 2)
+    # Slot 1 only accumulated: its gradient sum, per layer again, is its gradient.
+    grad_sums = opt.unstacked(state.grad_sum, params)
+    assert jax.tree.structure(grad_sums) == jax.tree.structure(params)
+    assert _bits(grad_sums, 1) == _bits(grads, 1)
+
+
+def test_tables_of_one_path_and_different_shapes_do_not_stack():
+    params = {"layers": {0: {"a": jnp.zeros((NUM_SLOTS, 4))}, 1: {"a": jnp.zeros((NUM_SLOTS, 5))}}}
+    with pytest.raises(ValueError, match="cannot stack"):
+        SlotOptimizer(adamw()).init(params)
