@@ -8,7 +8,9 @@ CUDA graph of 6,219 commands (RESULTS.md, runs 44-47), and the layers under a sc
 make that launch cheaper (run 48). This script asks how much of it is the optimizer: the
 8B shape's tables (32 layers x 7 projections x A and B: 448 leaves of [N, d_in, R] and
 [N, R, d_out]) through ``SlotOptimizer.update`` (AdamW, float32 master copies of bf16
-tables: 5 arrays a leaf), against the same numbers held as 14 leaves [N, L, ...].
+tables), keyed "layer.projection.a" (string keys, so the optimizer keeps one state array
+per leaf, five a table: its only layout before 708e89f), against the same numbers held as
+14 leaves [N, L, ...].
 
 Reported per layout: the leaves in and out of the call, the mean time for the donated
 call to return (``dispatch_ms``) and with its result waited for (``step_ms``), and from one

@@ -228,9 +228,9 @@ def unified_steps(mesh=None, backward="save") -> tuple[dict, Trained]:
             "q_kernel": spec_str(frozen["layers"][0]["self_attn"]["q_proj"]["kernel"].sharding),
             "down_kernel": spec_str(frozen["layers"][0]["mlp"]["down_proj"]["kernel"].sharding),
             "embedding": spec_str(frozen["embed_tokens"]["embedding"].sharding),
-            # The optimizer's moments of the tables, stacked across layers [N, L, ...].
-            "q_b_moment": spec_str(_stacked(state.opt.grad_sum, "self_attn", "q_proj", "b")),
-            "o_a_moment": spec_str(_stacked(state.opt.grad_sum, "self_attn", "o_proj", "a")),
+            # The optimizer's gradient sums of the tables, stacked across layers [N, L, ...].
+            "q_b_grad_sum": spec_str(_stacked(state.opt.grad_sum, "self_attn", "q_proj", "b")),
+            "o_a_grad_sum": spec_str(_stacked(state.opt.grad_sum, "self_attn", "o_proj", "a")),
         }
     return result, Trained(model, registry, state)
 

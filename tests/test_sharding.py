@@ -77,8 +77,8 @@ def test_tensor_parallel_layouts(report, run):
     assert layouts["o_a"] == "(None, 'model')"
     assert layouts["down_kernel"] == "('model',)"
     assert layouts["embedding"] == "('model',)"
-    assert layouts["q_b_moment"] == "(None, None, None, 'model')"  # the layer axis whole
-    assert layouts["o_a_moment"] == "(None, None, 'model')"
+    assert layouts["q_b_grad_sum"] == "(None, None, None, 'model')"  # the layer axis whole
+    assert layouts["o_a_grad_sum"] == "(None, None, 'model')"
 
 
 def test_data_parallel_mesh_replicates_every_weight(report):
