@@ -1,5 +1,5 @@
-"""Host and device time of the per-slot optimizer's update alone, the adapter tables as one
-leaf per layer and projection (as the model holds them) or stacked across the layers.
+"""Host and device time of the per-slot optimizer's update alone, its state one array per
+table of every layer (its layout before 708e89f) or stacked across the layers.
 
   PYTHONPATH=. python benchmarks/bench_optimizer_dispatch.py --out results.jsonl
 

@@ -7,9 +7,10 @@
 # finetune, finetune_schedules, finetune_sync, finetune4_backward, finetune4_recompute,
 # finetune4_memory_report, loss_memory, host_dispatch, finetune_profile, finetune4, inference,
 # peft, unified, unified_runs, unified_seq512, unified_host, unified_host512,
-# unified_no_requests, scaling, scaling_1gpu, cmdbuf_modes, graph_launch, optimizer_dispatch, finetune_host,
-# finetune_host_same, finetune_host_fixed, finetune_host_nocmdbuf, cmdbuf_types, finetune_cmdbuf,
-# finetune_cmdbuf_stable, unified_cmdbuf, unified_cmdbuf_stable, unified_stable, save_cache.
+# unified_no_requests, scaling, scaling_1gpu, cmdbuf_modes, graph_launch, optimizer_dispatch,
+# finetune_host, finetune_host_same, finetune_host_fixed, finetune_host_nocmdbuf, cmdbuf_types,
+# finetune_cmdbuf, finetune_cmdbuf_stable, unified_cmdbuf, unified_cmdbuf_stable,
+# unified_stable, save_cache.
 #
 # "scaling" runs bench_scaling.py on every mesh the host has devices for (1, 2, 4, 8
 # GPUs; NCCL_NVLS_ENABLE=0 below) after its check; a call has 10 minutes, so a multi-GPU
