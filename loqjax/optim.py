@@ -47,7 +47,7 @@ import numpy as np
 import optax
 
 from loqjax.registry import write_slot
-from loqjax.sharding import LAYER
+from loqjax.sharding import LAYER, key_name
 
 
 def adamw(
@@ -104,14 +104,6 @@ def slot_where(mask: jax.Array, new, old):
     )
 
 
-def _key_name(key) -> str | int:
-    if isinstance(key, jax.tree_util.DictKey):
-        return key.key
-    if isinstance(key, jax.tree_util.SequenceKey):
-        return key.idx
-    return getattr(key, "name", str(key))
-
-
 @dataclasses.dataclass(frozen=True)
 class LayerStacking:
     """How the leaves of a params tree stack into one array per table across layers.
@@ -137,7 +129,7 @@ class LayerStacking:
         for i, (path, leaf) in enumerate(flat):
             names = tuple(
                 LAYER if isinstance(name, int) else name
-                for name in map(_key_name, path)
+                for name in map(key_name, path)
                 if name != "value"
             )
             groups.setdefault((names, np.shape(leaf), np.dtype(leaf.dtype)), []).append(i)

@@ -115,7 +115,7 @@ def check_model(config: ModelConfig, mesh: Mesh) -> None:
         )
 
 
-def partition_spec(names: tuple[str, ...], shape: tuple[int, ...], model_size: int) -> P:
+def partition_spec(names: tuple[str | int, ...], shape: tuple[int, ...], model_size: int) -> P:
     """The layout of one array of a model (base weights, LoRA tables) or of a tree shaped
     like its params (optimizer state, gradients), by its key path ``names``; see the
     module docstring. Everything is replicated on a model axis of one device."""
@@ -144,7 +144,7 @@ def tree_shardings(tree, mesh: Mesh):
     model_size = mesh.shape[MODEL]
 
     def sharding(path, leaf):
-        names = tuple(_key_name(k) for k in path)
+        names = tuple(key_name(k) for k in path)
         return NamedSharding(mesh, partition_spec(names, np.shape(leaf), model_size))
 
     return jax.tree_util.tree_map_with_path(sharding, tree)
@@ -222,9 +222,10 @@ def mesh_of(tree) -> Mesh | None:
     return None
 
 
-def _key_name(key) -> str:
+def key_name(key) -> str | int:
+    """A pytree path key's name: an attribute's name, a dict key, or a sequence index."""
     if isinstance(key, jax.tree_util.GetAttrKey):
         return key.name
     if isinstance(key, jax.tree_util.DictKey | jax.tree_util.FlattenedIndexKey):
-        return str(key.key)
-    return str(getattr(key, "idx", key))
+        return key.key
+    return key.idx

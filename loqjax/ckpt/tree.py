@@ -14,6 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from loqjax.sharding import key_name
+
 FlatArrays = dict[str, np.ndarray]
 # Dotted path -> (shape, dtype); a dtype of None stands for any float dtype.
 Specs = dict[str, tuple[tuple[int, ...], np.dtype | None]]
@@ -87,13 +89,7 @@ def _names(paths: list[str], limit: int = 4) -> str:
 def _dotted(path: tuple) -> str:
     parts = []
     for key in path:
-        if isinstance(key, jax.tree_util.GetAttrKey):
-            part = key.name
-        elif isinstance(key, jax.tree_util.DictKey | jax.tree_util.FlattenedIndexKey):
-            part = key.key
-        else:
-            part = key.idx
-        part = str(part)
+        part = str(key_name(key))
         if "." in part or not part:
             raise ValueError(f"pytree key {part!r} cannot be a checkpoint path component")
         parts.append(part)
