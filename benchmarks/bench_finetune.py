@@ -9,8 +9,10 @@ seven projections (``bench_common``). For each count n of ``--adapters``, n fres
 (PEFT's init: A random, B = 0) each take ``--seqs`` sequences of ``--seq-len`` random ids per
 step (Loquetier's setting: 2 x 1024), all in one unified step with no serving rows (train
 rows n * seqs * seq_len); AdamW (lr 2e-5, the per-slot optimizer), every step applied.
-``--backward`` picks the unified step's strategy (``save``, ``recompute`` or both), and
-``--schedules`` its command-buffer schedule (``SCHEDULES``), each combination compiled afresh.
+``--backward`` picks the unified step's strategy (``save``, ``recompute`` or both; with
+``recompute``, each count of ``--saved-layers`` in turn: the last layers that keep their
+activations), and ``--schedules`` its command-buffer schedule (``SCHEDULES``), each
+combination compiled afresh.
 
 Reported: tokens/s over ``--steps`` timed steps after ``--warmup`` (the first compiles),
 for each ``--sync`` (``timed_steps``): reading the losses each step (``each``, as a training
@@ -22,8 +24,9 @@ rate, counting 4 * (matmul params) FLOPs a token (forward and input gradient: th
 is frozen, so no weight gradient) plus causal attention (3 * 2 * seq_len * d_model per token
 per layer, forward and backward), against the bf16 matmul rate measured in the same run;
 and the device's peak memory so far (jax's ``peak_bytes_in_use``; the runs go in ascending
-memory order, so each row's peak is its own: give ``--schedules lhs concurrent`` in that
-order), and the compiled step's temporaries.
+memory order, so each row's peak is its own: give ``--schedules lhs concurrent``,
+``--backward recompute save`` and ``--saved-layers`` ascending), and the compiled step's
+temporaries.
 
 For the host's side of a step: ``--profile`` adds the kernel times of one more step,
 ``--host-profile`` its host-side trace events by self time (``bench_common.host_profile``);
@@ -36,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import itertools
 import time
 
 import jax
@@ -76,6 +80,9 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--backward", nargs="+", default=["save"], choices=["save", "recompute"])
+    parser.add_argument(
+        "--saved-layers", type=int, nargs="+", default=[0], help="with --backward recompute"
+    )
     parser.add_argument("--schedules", nargs="+", default=["lhs"], choices=list(SCHEDULES))
     parser.add_argument("--sync", nargs="+", default=["each"], choices=["each", "lagged"])
     parser.add_argument(
@@ -120,9 +127,16 @@ def main(argv=None):
         3 * 2 * seq_len * config.hidden_size * config.num_layers
     )
 
-    for backward, schedule in [(b, s) for b in args.backward for s in args.schedules]:
+    strategies = [
+        (backward, saved)
+        for backward in args.backward
+        for saved in (args.saved_layers if backward == "recompute" else [0])
+    ]
+    for (backward, saved_layers), schedule in itertools.product(strategies, args.schedules):
         UNIFIED.UNIFIED_COMPILER_OPTIONS = SCHEDULES[schedule]
-        step = make_unified_step(graphdef, optimizer, backward=backward, leaves_of=leaves_of)
+        step = make_unified_step(
+            graphdef, optimizer, backward=backward, saved_layers=saved_layers, leaves_of=leaves_of
+        )
         timed_step = outputs_in_place(step) if args.reuse_outputs else step
         for n in sorted(args.adapters):
             num_rows = n * args.seqs * seq_len
@@ -164,7 +178,13 @@ def main(argv=None):
                     return out.loss
 
                 for row in profile(one_step):
-                    rows.add(variant=variant, backward=backward, schedule=schedule, **row)
+                    rows.add(
+                        variant=variant,
+                        backward=backward,
+                        saved_layers=saved_layers,
+                        schedule=schedule,
+                        **row,
+                    )
             # The persistent compilation cache makes this compile a lookup on a GPU run;
             # with --reuse-outputs, the step alone was never compiled: not measured.
             temp_gib = None
@@ -177,6 +197,7 @@ def main(argv=None):
                 rows.add(
                     variant=f"{n} adapter{'s' * (n > 1)}",
                     backward=backward,
+                    saved_layers=saved_layers,
                     schedule=schedule,
                     sync=sync,
                     same_batch=args.same_batch,
@@ -198,6 +219,7 @@ def main(argv=None):
         [
             "variant",
             "backward",
+            "saved_layers",
             "schedule",
             "sync",
             "rows",

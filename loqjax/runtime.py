@@ -91,6 +91,7 @@ from loqjax.unified import (
     StepOutput,
     TrainState,
     UnifiedBatch,
+    check_backward,
     make_unified_step,
     slot_losses,
     split_model,
@@ -112,6 +113,8 @@ class RuntimeConfig:
       min_train_share: share of step time fine-tuning keeps under any serving load.
       slo: TTFT/TPOT targets.
       backward: the unified step's backward strategy (see ``loqjax.unified``).
+      saved_layers: with ``backward="recompute"``, how many of the last layers keep their
+        activations instead of recomputing them.
       pipeline: when a unified step is dispatched before the step before it is read
         back (see above), overlapping the host's packing and dispatch (~45 ms at the
         Llama-3-8B shape, 36 of them in the jitted call: RESULTS.md run 42) with the
@@ -141,10 +144,12 @@ class RuntimeConfig:
     min_train_share: float = 0.25
     slo: SloTargets = SloTargets()
     backward: Backward = "save"
+    saved_layers: int = 0
     pipeline: Literal["no_requests", "always", "never"] = "always"
     unified_run: int = 1
 
     def __post_init__(self):
+        check_backward(self.backward, self.saved_layers)
         if self.pipeline not in ("no_requests", "always", "never"):
             raise ValueError(
                 f"pipeline must be 'no_requests', 'always' or 'never', got {self.pipeline!r}"
@@ -280,12 +285,15 @@ def _unified_step(
     graphdef: nnx.GraphDef,
     optimizer: SlotOptimizer,
     backward: Backward,
+    saved_layers: int,
     leaves_of: tuple[PyTreeDef, PyTreeDef],
 ):
-    """One jitted unified step per model structure, optimizer, backward and state
+    """One jitted unified step per model structure, optimizer, backward strategy and state
     structures, shared by the runtimes that have them in common (as ``serve_step`` is by
     engines); it takes and returns leaves (``loqjax.leaves``)."""
-    return make_unified_step(graphdef, optimizer, backward=backward, leaves_of=leaves_of)
+    return make_unified_step(
+        graphdef, optimizer, backward=backward, saved_layers=saved_layers, leaves_of=leaves_of
+    )
 
 
 @functools.cache
@@ -352,9 +360,9 @@ class Runtime(Engine):
         self.metrics = metrics or Metrics(self.slo)
         self.progress = progress
         self.jobs: dict[str, JobRun] = {}
-        backward = self.runtime_config.backward
+        backward = (self.runtime_config.backward, self.runtime_config.saved_layers)
         leaves_of = (self._frozen_leaves.treedef, self._train_leaves.treedef)
-        self._step = _unified_step(self._graphdef, self.optimizer, backward, leaves_of)
+        self._step = _unified_step(self._graphdef, self.optimizer, *backward, leaves_of)
         self._losses = _eval_losses(self._graphdef)
         # Moving averages of unified steps' times, from their start to their landing, of
         # those queued behind a unified step (True) and the others (False).

@@ -18,6 +18,12 @@ activations to one [n, d] input per layer. The final norm and head run on the tw
 apart: the serving rows' few logits without gradient, the training rows' losses a chunk
 of rows at a time (``CausalLM.token_losses``).
 
+``split_losses(..., saved_layers=k)`` runs the last k layers as the "save" strategy does
+instead: autodiff keeps their activations (only the training rows get a backward:
+``LoraBatch.train_rows``) and nothing of them is recomputed. That trades memory for time a
+layer at a time: a saved layer holds its training rows' activations and spares its
+forward's recomputation.
+
 ``tests/test_unified_step.py`` checks the pruning on the traced step: differentiating it
 adds no matmul over serving rows to the forward's and saves no serving-row residual,
 where stopping the serving rows' gradient alone adds both.
@@ -25,6 +31,7 @@ where stopping the serving rows' gradient alone adds both.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable
 
@@ -114,6 +121,15 @@ def _decoder_layer(graphdef, params, x, rows, consts, kv, num_train_rows):
     return apply_layer(layer, x, *rows, lora, kv, pages, num_train_rows=num_train_rows)
 
 
+def _saved_layer(layer, x_train, x_serve, rows, lora, kv, pages):
+    """One decoder layer over both parts, its activations kept by autodiff: ``split_rows``'
+    results, with no recomputation and ``lora.train_rows`` = n."""
+    n = x_train.shape[0]
+    x = jnp.concatenate([x_train, x_serve])
+    y, kv = apply_layer(layer, x, *rows, lora, kv, pages, num_train_rows=n)
+    return y[:n], jax.lax.stop_gradient(y[n:]), jax.lax.stop_gradient(kv)
+
+
 def split_losses(
     model: CausalLM,
     tokens: jax.Array,
@@ -126,6 +142,7 @@ def split_losses(
     serve_rows: jax.Array | None = None,
     cache: KVCache | None = None,
     pages: PageBatch | None = None,
+    saved_layers: int = 0,
 ) -> tuple[jax.Array, jax.Array, KVCache | None]:
     """The training rows' token losses and the chosen serving rows' logits of a unified
     batch.
@@ -146,29 +163,40 @@ def split_losses(
       serve_rows: int32 [M], serving rows (in [n, T)) whose logits to compute; None for
         all of them.
       cache, pages: the serving rows' KV cache and its addressing, or None.
+      saved_layers: static k in [0, layers]: the last k layers keep their activations
+        instead of recomputing them in the backward (see the module docstring).
 
     Returns:
       (float32 [n] training token losses, float32 [M, V] (or [T - n, V]) serving logits
       without gradient, the updated cache or None).
     """
     n = num_train_rows
+    num_layers = len(model.layers)
+    if not 0 <= saved_layers <= num_layers:
+        raise ValueError(f"saved_layers must be in [0, {num_layers}], got {saved_layers}")
     cos, sin = rope_cos_sin(positions, model.config)
     x = model.embed_tokens(tokens)
     x_train, x_serve = x[:n], x[n:]
     rows = (cos, sin, positions, segment_ids)
-    layer_kvs = (None,) * len(model.layers) if cache is None else cache
+    saved_lora = dataclasses.replace(lora, train_rows=n)
+    layer_kvs = (None,) * num_layers if cache is None else cache
     new_cache = []
-    for layer, kv in zip(model.layers, layer_kvs, strict=True):
-        graphdef, params, frozen = nnx.split(layer, LoraParam, ...)
-        x_train, x_serve, kv = split_rows(
-            functools.partial(_decoder_layer, graphdef),
-            params,
-            x_train,
-            x_serve,
-            rows,
-            (frozen, lora, pages),
-            kv,
-        )
+    for i, (layer, kv) in enumerate(zip(model.layers, layer_kvs, strict=True)):
+        if i >= num_layers - saved_layers:
+            x_train, x_serve, kv = _saved_layer(
+                layer, x_train, x_serve, rows, saved_lora, kv, pages
+            )
+        else:
+            graphdef, params, frozen = nnx.split(layer, LoraParam, ...)
+            x_train, x_serve, kv = split_rows(
+                functools.partial(_decoder_layer, graphdef),
+                params,
+                x_train,
+                x_serve,
+                rows,
+                (frozen, lora, pages),
+                kv,
+            )
         new_cache.append(kv)
     if serve_rows is not None:
         x_serve = x_serve[serve_rows - n]

@@ -33,7 +33,9 @@ Two backward strategies, a static choice of the step:
   logits are made a chunk of rows at a time (``loqjax.loss.head_token_losses``): the
   choice when activations do not fit. Four Llama-3-8B adapters trained at once (4 x 2 x
   1024 tokens) on an H200 peaked at 21.3 GiB so, against 59.7 GiB saving, at 0.77x the
-  tokens/s (benchmarks/RESULTS.md, runs 32 and 34).
+  tokens/s (benchmarks/RESULTS.md, runs 32 and 34). With ``saved_layers`` = k, the last
+  k layers keep their activations instead, as under ``"save"``: the memory between the
+  two, a layer at a time.
 
 The training loss of slot s is the mean token cross-entropy over the loss-masked rows of
 its sequences; with gradient accumulation, over those of all its micro-batches since its
@@ -438,6 +440,7 @@ def slot_losses(
     cache: KVCache | None = None,
     *,
     backward: Backward = "save",
+    saved_layers: int = 0,
     all_serving_logits: bool = False,
 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array, jax.Array, KVCache | None]]:
     """The training objective of a batch and what a step reports alongside.
@@ -445,6 +448,7 @@ def slot_losses(
     Args:
       cache: the KV cache of a ``pack_cached`` batch, else None.
       backward: how the training rows are differentiated (see the module docstring).
+      saved_layers: with ``"recompute"``, the last layers that keep their activations.
       all_serving_logits: return every serving row's logits, not just the sampled rows'.
 
     Returns:
@@ -455,6 +459,7 @@ def slot_losses(
     """
     if (cache is None) != (batch.pages is None):
         raise ValueError("a batch with pages needs its KV cache, and only such a batch")
+    check_backward(backward, saved_layers)
     n = batch.num_train_rows
     num_slots = batch.apply.shape[0]
     model = nnx.merge(graphdef, params, frozen)
@@ -462,7 +467,7 @@ def slot_losses(
     if backward == "save":
         train_logits, serve_logits, cache = _saved_logits(model, batch, cache, serve_rows)
         token_losses = token_cross_entropy(train_logits, batch.targets)
-    elif backward == "recompute":
+    else:
         token_losses, serve_logits, cache = split_losses(
             model,
             batch.tokens,
@@ -474,12 +479,22 @@ def slot_losses(
             serve_rows=serve_rows,
             cache=cache,
             pages=batch.pages,
+            saved_layers=saved_layers,
         )
-    else:
-        raise ValueError(f"backward must be 'save' or 'recompute', got {backward!r}")
     slots = token_slots(batch.lora.seg_ends, batch.lora.seg_slots, n, num_slots)
     losses, counts = slot_sums(token_losses, batch.loss_mask, slots, num_slots)
     return jnp.sum(losses), (losses, counts, serve_logits, cache)
+
+
+def check_backward(backward: Backward, saved_layers: int) -> None:
+    """Raises ValueError unless ``backward`` names a strategy and ``saved_layers`` (>= 0)
+    is 0 or goes with ``"recompute"`` (``split_losses`` checks it against the layers)."""
+    if backward not in ("save", "recompute"):
+        raise ValueError(f"backward must be 'save' or 'recompute', got {backward!r}")
+    if saved_layers < 0 or (saved_layers and backward != "recompute"):
+        raise ValueError(
+            f"saved_layers={saved_layers}: a count >= 0, and > 0 only with the 'recompute' backward"
+        )
 
 
 def _saved_logits(model: CausalLM, batch: UnifiedBatch, cache, serve_rows):
@@ -509,6 +524,7 @@ def unified_step(
     cache: KVCache | None = None,
     *,
     backward: Backward = "save",
+    saved_layers: int = 0,
     all_serving_logits: bool = False,
 ) -> tuple[TrainState, KVCache | None, StepOutput]:
     """One step: serve ``batch``'s requests and train its slots. Pure; see
@@ -526,6 +542,7 @@ def unified_step(
         batch,
         cache,
         backward=backward,
+        saved_layers=saved_layers,
         all_serving_logits=all_serving_logits,
     )
     # A halted slot has no tokens for the optimizer and applies nothing: it keeps its bits.
@@ -574,6 +591,7 @@ def make_unified_step(
     optimizer: SlotOptimizer,
     *,
     backward: Backward = "save",
+    saved_layers: int = 0,
     all_serving_logits: bool = False,
     leaves_of: tuple[PyTreeDef, PyTreeDef] | None = None,
 ) -> Callable[..., tuple[TrainState, KVCache | None, StepOutput]]:
@@ -585,11 +603,13 @@ def make_unified_step(
     ``state`` returned, as their leaves (lists of arrays of these structures): a step
     then spends no host time flattening and rebuilding them (``loqjax.leaves``).
     """
+    check_backward(backward, saved_layers)
     step = functools.partial(
         unified_step,
         graphdef,
         optimizer,
         backward=backward,
+        saved_layers=saved_layers,
         all_serving_logits=all_serving_logits,
     )
     if leaves_of is not None:

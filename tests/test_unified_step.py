@@ -571,6 +571,39 @@ def test_recompute_backward_waits_for_the_layer_above():
         assert all(high_dot in ancestors[low_dot.outvars[0]] for high_dot in dots_on[high])
 
 
+def test_saved_layers_are_not_recomputed(setup):
+    """Each layer saved under the "recompute" backward takes one layer's recomputation
+    (its matmuls over the training rows) out of the backward and adds its activations
+    to what the forward saves."""
+    batch = _batch(_mixed_train(setup), _mixed_serve(setup))
+    params = jax.tree.map(jnp.asarray, setup.host_params)
+
+    def cost(saved_layers):
+        def loss(params):
+            return slot_losses(
+                setup.graphdef,
+                setup.frozen,
+                params,
+                batch,
+                backward="recompute",
+                saved_layers=saved_layers,
+            )[0]
+
+        training_dots = sum(
+            TRAIN_ROWS in {d for var in eqn.invars for d in var.aval.shape}
+            for eqn in equations(jax.make_jaxpr(jax.grad(loss))(params).jaxpr)
+            if eqn.primitive.name == "dot_general"
+        )
+        residuals = jax.eval_shape(lambda p: jax.vjp(loss, p)[1], params)
+        return training_dots, sum(r.size for r in jax.tree.leaves(residuals))
+
+    (dots_0, saved_0), (dots_1, saved_1), (dots_2, saved_2) = map(cost, range(3))
+    # At least the 7 projections a layer; more for the first layer, whose input gradient
+    # only the recomputing backward computes.
+    assert dots_0 - 7 >= dots_1 >= dots_2 + 7
+    assert saved_0 < saved_1 < saved_2
+
+
 def test_all_serving_logits(setup, accumulated, lora_forward):
     """A step made with ``all_serving_logits`` also returns every serving row's logits."""
     batch, before, _, out = accumulated
@@ -671,13 +704,17 @@ def _cached(setup, train, scheduler, accumulate=()) -> UnifiedBatch:
     return batch, chunks
 
 
-@pytest.mark.parametrize("backward", ["save", "recompute"])
+@pytest.mark.parametrize(
+    ("backward", "saved_layers"), [("save", 0), ("recompute", 0), ("recompute", 1)]
+)
 def test_cached_serving_rows_serve_and_train_like_recomputed_ones(
-    setup, accumulated, lora_forward, backward
+    setup, accumulated, lora_forward, backward, saved_layers
 ):
     """The mixed batch with its requests prefilled into a paged KV cache gives the same
-    losses, gradients and next tokens as with the requests recomputed whole; a decode step
-    over the cache then gives the logits of a plain forward over prompt and token."""
+    losses, gradients and next tokens as with the requests recomputed whole (under the
+    "save" backward); a decode step over the cache then gives the logits of a plain
+    forward over prompt and token. So does every backward strategy: all layers saved,
+    all recomputed, and the last layer saved, the first recomputed."""
     _, before, after, out = accumulated
     model = nnx.merge(setup.graphdef, jax.tree.map(jnp.asarray, before.params), setup.frozen)
     cache = init_kv_cache(model.config, CACHE.num_pages, CACHE.page_size, jnp.float32)
@@ -687,7 +724,10 @@ def test_cached_serving_rows_serve_and_train_like_recomputed_ones(
         adapter = None if seq.slot < 0 else NAME[seq.slot]
         tokens = list(seq.tokens)
         scheduler.add(SequenceState(i, tokens, len(tokens), adapter, GREEDY_PARAMS, 0))
-    step = make_unified_step(setup.graphdef, OPTIMIZER, backward=backward)
+    assert len(model.layers) == 2  # so saved_layers=1 mixes the two kinds of layer
+    step = make_unified_step(
+        setup.graphdef, OPTIMIZER, backward=backward, saved_layers=saved_layers
+    )
 
     batch, chunks = _cached(setup, _mixed_train(setup), scheduler, accumulate=SLOTS)
     assert [c.length for c in chunks] == [len(s.tokens) for s in serve]  # whole prompts
@@ -718,6 +758,26 @@ def test_cached_serving_rows_serve_and_train_like_recomputed_ones(
     )
     ref = np.asarray(ref)[np.cumsum(lengths) - 1]
     assert rel_err(np.asarray(decode.next_logits)[:n], ref) < 1e-5
+
+
+def test_bad_backward_strategies_are_refused(setup):
+    """An unknown strategy, or saved layers without "recompute", fail when the step is
+    made; more saved layers than the model has, when it is traced."""
+    with pytest.raises(ValueError, match="backward must be"):
+        make_unified_step(setup.graphdef, OPTIMIZER, backward="checkpoint")
+    with pytest.raises(ValueError, match="saved_layers=1: .* only with the 'recompute'"):
+        make_unified_step(setup.graphdef, OPTIMIZER, saved_layers=1)
+    with pytest.raises(ValueError, match="saved_layers=-1"):
+        make_unified_step(setup.graphdef, OPTIMIZER, backward="recompute", saved_layers=-1)
+    params = jax.tree.map(jnp.asarray, setup.host_params)
+    batch = _batch(_mixed_train(setup))
+    with pytest.raises(ValueError, match=r"saved_layers must be in \[0, 2\], got 3"):
+        jax.eval_shape(
+            lambda p: slot_losses(
+                setup.graphdef, setup.frozen, p, batch, backward="recompute", saved_layers=3
+            ),
+            params,
+        )
 
 
 def test_a_sampled_step_never_waits_on_the_host(setup):
