@@ -379,21 +379,37 @@ def random_training_batch(
     seq_len: int,
     num_slots: int,
     placement: jax.sharding.Sharding | None = None,
+    *,
+    step_seqs: int | None = None,
+    step: int = 0,
 ) -> UnifiedBatch:
     """A training-only unified batch: ``seqs_per_adapter`` random sequences of ``seq_len``
-    ids for each of slots ``0..num_adapters-1``, packed without padding."""
+    ids for each of slots ``0..num_adapters-1`` (one update of each), packed without
+    padding.
+
+    With ``step_seqs`` S, the updates' sequences are spread over steps of S instead: taken
+    round-robin over the adapters (slot 0's first, slot 1's first, ..., slot 0's second,
+    ...), the batch of step ``step`` holds the next S; a slot applies its update at the
+    step with its last sequence and only accumulates before (``UnifiedBatch.accumulate``).
+    """
+    order = [(slot, j) for j in range(seqs_per_adapter) for slot in range(num_adapters)]
+    step_seqs = step_seqs or len(order)
+    if len(order) % step_seqs:
+        raise ValueError(f"{len(order)} sequences an update round do not split into {step_seqs}s")
+    start = step * step_seqs % len(order)
+    chosen = sorted(order[start : start + step_seqs])
     train = [
-        TrainSequence(slot, rng.integers(0, vocab_size, seq_len, np.int32))
-        for slot in range(num_adapters)
-        for _ in range(seqs_per_adapter)
+        TrainSequence(slot, rng.integers(0, vocab_size, seq_len, np.int32)) for slot, _ in chosen
     ]
+    applied = {slot for slot, j in chosen if j == seqs_per_adapter - 1}
     return UnifiedBatch.pack(
         train,
         [],
-        num_train_rows=num_adapters * seqs_per_adapter * seq_len,
+        num_train_rows=step_seqs * seq_len,
         num_serve_rows=0,
         num_segments=len(train) + 1,
         num_samples=0,
         num_slots=num_slots,
+        accumulate=[slot for slot in range(num_slots) if slot not in applied],
         placement=placement,
     )

@@ -6,9 +6,12 @@ trained at once.
 
 Model: the Llama-3-8B shape with random bf16 weights and 8-slot rank-8 adapter tables on all
 seven projections (``bench_common``). For each count n of ``--adapters``, n fresh adapters
-(PEFT's init: A random, B = 0) each take ``--seqs`` sequences of ``--seq-len`` random ids per
-step (Loquetier's setting: 2 x 1024), all in one unified step with no serving rows (train
-rows n * seqs * seq_len); AdamW (lr 2e-5, the per-slot optimizer), every step applied.
+(PEFT's init: A random, B = 0) each take ``--seqs`` sequences of ``--seq-len`` random ids an
+update (Loquetier's setting: 2 x 1024), all in one unified step with no serving rows (train
+rows n * seqs * seq_len); AdamW (lr 2e-5, the per-slot optimizer), every step applied. With
+``--step-seqs`` S, a step carries S of those sequences instead, round-robin over the
+adapters, and a slot applies its update at the step with its last one: the n adapters
+train concurrently, their updates accumulated over n * seqs / S steps of S * seq_len rows.
 ``--backward`` picks the unified step's strategy (``save``, ``recompute`` or both; with
 ``recompute``, each count of ``--saved-layers`` in turn: the last layers that keep their
 activations), and ``--schedules`` its command-buffer schedule (``SCHEDULES``), each
@@ -77,6 +80,13 @@ def main(argv=None):
     parser.add_argument("--adapters", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--seqs", type=int, default=2, help="sequences per adapter and step")
     parser.add_argument("--seq-len", type=int, default=None)
+    parser.add_argument(
+        "--step-seqs",
+        type=int,
+        default=None,
+        help="sequences a step (default all: every adapter's update in one step); fewer "
+        "spread the updates over steps that accumulate (random_training_batch)",
+    )
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--backward", nargs="+", default=["save"], choices=["save", "recompute"])
@@ -139,11 +149,20 @@ def main(argv=None):
         )
         timed_step = outputs_in_place(step) if args.reuse_outputs else step
         for n in sorted(args.adapters):
-            num_rows = n * args.seqs * seq_len
+            step_seqs = args.step_seqs or n * args.seqs
+            num_rows = step_seqs * seq_len
+            steps_drawn = itertools.count()
 
-            def batch(n=n):
+            def batch(n=n, step_seqs=step_seqs, steps_drawn=steps_drawn):
                 return random_training_batch(
-                    rng, config.vocab_size, n, args.seqs, seq_len, NUM_SLOTS
+                    rng,
+                    config.vocab_size,
+                    n,
+                    args.seqs,
+                    seq_len,
+                    NUM_SLOTS,
+                    step_seqs=step_seqs,
+                    step=next(steps_drawn),
                 )
 
             with Timer() as warm:
@@ -162,8 +181,10 @@ def main(argv=None):
                         timed_step, frozen, state, batches, sync
                     )
                 losses_of[sync] = float(losses[0])
-                updated = np.asarray(out.updated)
-                assert np.isfinite(losses[:n]).all() and updated[:n].all(), (losses, updated)
+                updated, trained = np.asarray(out.updated), np.asarray(out.num_tokens) > 0
+                every_slot = step_seqs == n * args.seqs  # else some steps only accumulate
+                assert np.isfinite(losses[trained]).all(), losses
+                assert updated[:n].all() or not every_slot, updated
             profilers = [
                 (f"profile {n}", kernel_profile) if args.profile else None,
                 (f"host {n}", host_profile) if args.host_profile else None,
@@ -203,6 +224,7 @@ def main(argv=None):
                     same_batch=args.same_batch,
                     reuse_outputs=args.reuse_outputs,
                     n_adapters=n,
+                    step_seqs=step_seqs,
                     rows=num_rows,
                     seq_len=seq_len,
                     warmup_s=warm.seconds,
