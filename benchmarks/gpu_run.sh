@@ -5,7 +5,8 @@
 # Phases: info, tests, e2e, lora_decode, decode_step, decode_concurrent, decode_phases,
 # decode_phases_nocmdbuf, decode_hlo, decode_nocmdbuf, decode_two_kernel, flash, flash_sweep,
 # finetune, finetune_schedules, finetune_sync, finetune4_backward, finetune4_recompute,
-# finetune4_saved, finetune4_saved_more, finetune4_interleaved, finetune4_memory_report, loss_memory, host_dispatch, finetune_profile,
+# finetune4_saved, finetune4_interleaved, finetune4_memory_report,
+# loss_memory, host_dispatch, finetune_profile,
 # finetune4, inference, peft, unified, unified_runs, unified_seq512, unified_host, unified_host512,
 # unified_no_requests, scaling, scaling_1gpu, cmdbuf_modes, graph_launch, optimizer_dispatch,
 # finetune_host, finetune_host_same, finetune_host_fixed, finetune_host_nocmdbuf, cmdbuf_types,
@@ -101,12 +102,9 @@ for p in "$@"; do
       --backward recompute save --sync each lagged --out "$OUT/finetune4_backward.jsonl" ;;
     finetune4_recompute) phase finetune4_recompute 330 python3 benchmarks/bench_finetune.py --adapters 4 --steps 4 \
       --backward recompute --sync each lagged --out "$OUT/finetune4_recompute.jsonl" ;;
-    finetune4_saved)  # four adapters, recomputing all but the last 0, 8 or 12 layers
-      phase finetune4_saved 560 python3 benchmarks/bench_finetune.py --adapters 4 --steps 4 \
-        --backward recompute --saved-layers 0 8 12 --sync each lagged --out "$OUT/finetune4_saved.jsonl" ;;
-    finetune4_saved_more)  # the same, the last 16 or all 32 layers saved
-      phase finetune4_saved_more 400 python3 benchmarks/bench_finetune.py --adapters 4 --steps 4 \
-        --backward recompute --saved-layers 16 32 --sync each lagged --out "$OUT/finetune4_saved_more.jsonl" ;;
+    finetune4_saved)  # four adapters, recomputing all but the last 0, 8, 12, 16 or 32 layers
+      phase finetune4_saved 590 python3 benchmarks/bench_finetune.py --adapters 4 --steps 4 \
+        --backward recompute --saved-layers 0 8 12 16 32 --sync each lagged --out "$OUT/finetune4_saved.jsonl" ;;
     finetune4_interleaved)  # one adapter, then four whose updates spread over steps of 2 x 1024 tokens
       phase finetune4_interleaved 300 python3 benchmarks/bench_finetune.py --adapters 1 4 --step-seqs 2 \
         --steps 8 --sync each lagged --out "$OUT/finetune4_interleaved.jsonl" ;;
