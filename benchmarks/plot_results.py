@@ -22,8 +22,11 @@ def rows(name: str) -> list[dict]:
 
 
 def inference() -> Path:
-    ours = [r for r in rows("inference_run11_concurrent.jsonl") if "decode_tokens_per_s" in r]
-    peft = [r for r in rows("peft.jsonl") if r["benchmark"] == "generate" and r["status"] == "ok"]
+    # Run 58: ours and PEFT on one machine.
+    ours = [r for r in rows("inference_run13.jsonl") if "decode_tokens_per_s" in r]
+    peft = [
+        r for r in rows("peft_run3.jsonl") if r["benchmark"] == "generate" and r["status"] == "ok"
+    ]
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=False)
     for ax, batch in zip(axes, (16, 64), strict=True):
         labels, mine, theirs = [], [], []
@@ -56,25 +59,24 @@ def inference() -> Path:
 
 
 def finetune() -> Path:
-    # 1 adapter: run 31; 4 adapters: run 32 saving the activations, run 34 recomputing them
-    # (with the chunked loss and the recompute tied to the cotangent). "each" reads the
-    # losses every step, "lagged" one step late (PEFT's timed loop reads none).
-    runs = {
-        "finetune_run7_attention.jsonl": ("save",),
-        "finetune_run8_4adapters_backward.jsonl": ("save",),
-        "finetune_run10_4adapters_barrier.jsonl": ("recompute",),
-    }
-    ours = [
+    # Run 58: 1 adapter, and 4 whose updates spread over steps of 2 x 1024 tokens; run 57
+    # (the same machine): all 4 in one step, recomputing all but the last k layers. "each"
+    # reads the losses every step, "lagged" one step late (PEFT's timed loop reads none).
+    interleaved = [r for r in rows("finetune_run18_interleaved.jsonl") if "tokens_per_s" in r]
+    saved = [
         r
-        for name, backward in runs.items()
-        for r in rows(name)
-        if "tokens_per_s" in r and r["backward"] in backward
+        for r in rows("finetune_run17_saved_layers.jsonl")
+        if "tokens_per_s" in r and r["sync"] == "lagged"
     ]
-    peft = next(r for r in rows("peft.jsonl") if r["benchmark"] == "train")
+    ours = interleaved + saved
+    peft = next(r for r in rows("peft_run3.jsonl") if r["benchmark"] == "train")
     labels = [
-        f"{r['n_adapters']}x {r['backward'][:6]}\n{r['schedule'][:4]} {r['sync']}" for r in ours
-    ] + ["peft\n1 adapter"]
-    colors = ["C0" if r["n_adapters"] == 1 else "C2" for r in ours] + ["C1"]
+        f"{'1 adapter' if r['n_adapters'] == 1 else '4, spread'}\n{r['sync']}" for r in interleaved
+    ]
+    labels += [f"4, one step\nk={r['saved_layers']} lagged" for r in saved]
+    labels += ["peft\n1 adapter"]
+    colors = ["C0" if r["n_adapters"] == 1 else "C2" for r in interleaved]
+    colors += ["C4"] * len(saved) + ["C1"]
     fig, (left, right) = plt.subplots(1, 2, figsize=(14, 4.8))
     left.bar(labels, [r["tokens_per_s"] for r in ours] + [peft["tokens_per_s"]], color=colors)
     left.axhline(1.5 * peft["tokens_per_s"], color="k", ls=":", label="1.5x peft")
