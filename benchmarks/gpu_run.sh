@@ -7,11 +7,11 @@
 # finetune, finetune_schedules, finetune_sync, finetune4_backward, finetune4_recompute,
 # finetune4_saved, finetune4_interleaved, finetune4_memory_report,
 # loss_memory, host_dispatch, finetune_profile,
-# finetune4, inference, peft, unified, unified_runs, unified_seq512, unified_host, unified_host512,
-# unified_no_requests, scaling, scaling_1gpu, cmdbuf_modes, graph_launch, optimizer_dispatch,
-# finetune_host, finetune_host_same, finetune_host_fixed, finetune_host_nocmdbuf, cmdbuf_types,
-# finetune_cmdbuf, finetune_cmdbuf_stable, unified_cmdbuf, unified_cmdbuf_stable,
-# unified_stable, save_cache.
+# finetune4, inference, peft, unified, unified_rates, unified_runs, unified_seq512, unified_host,
+# unified_host512, unified_no_requests, scaling, scaling_1gpu, cmdbuf_modes, graph_launch,
+# optimizer_dispatch, finetune_host, finetune_host_same, finetune_host_fixed,
+# finetune_host_nocmdbuf, cmdbuf_types, finetune_cmdbuf, finetune_cmdbuf_stable, unified_cmdbuf,
+# unified_cmdbuf_stable, unified_stable, save_cache.
 #
 # "scaling" runs bench_scaling.py on every mesh the host has devices for (1, 2, 4, 8
 # GPUs; NCCL_NVLS_ENABLE=0 below) after its check; a call has 10 minutes, so a multi-GPU
@@ -123,6 +123,8 @@ for p in "$@"; do
     peft) phase peft 250 python3 benchmarks/bench_peft.py --out "$OUT/peft.jsonl" ;;
     unified) phase unified 570 python3 benchmarks/bench_unified.py \
       --rates 1 2 4 --duration 20 --drain 25 --alone 8 --metrics-dir "$OUT" --out "$OUT/unified.jsonl" ;;
+    unified_rates) phase unified_rates 570 python3 benchmarks/bench_unified.py \
+      --rates 1 2 3 4 --duration 20 --drain 25 --alone 8 --metrics-dir "$OUT/rates" --out "$OUT/unified_rates.jsonl" ;;
     unified_runs)  # RuntimeConfig.unified_run 1 and 2 on the same arrivals
       phase unified_runs 570 python3 benchmarks/bench_unified.py --unified-run 1 2 --rates 1 2 4 --duration 15 \
         --drain 20 --alone 8 --metrics-dir "$OUT/runs" --out "$OUT/unified_runs.jsonl" ;;
