@@ -12,7 +12,8 @@ j0, j1 fine-tune fresh adapters (PEFT's init) on random 1024-token sequences, 2 
 serve (prefill chunks of up to 1024 tokens, decode steps of 32 rows). ``--train-seq-len``
 makes the sequences, and a training step's rows, shorter (an update keeps its 2048
 tokens): a unified step shorter than the TPOT target lets the runtime train at nearly
-every step.
+every step. ``--train-rows 2048`` gives a step both jobs' sequences, the rows of
+``bench_finetune``'s step (``--rates`` with no value: fine-tuning alone only).
 
 Load: requests arrive as a Poisson process at each rate of ``--rates`` for ``--duration``
 seconds, each for a random one of the 4 adapters, with prompt and output lengths drawn
@@ -203,6 +204,12 @@ def main(argv=None):
         "--train-seq-len", type=int, default=None, help="training sequence and step rows"
     )
     parser.add_argument(
+        "--train-rows",
+        type=int,
+        default=None,
+        help="training rows a unified step (default one sequence; at most 2 sequences)",
+    )
+    parser.add_argument(
         "--unified-run",
         type=int,
         nargs="+",
@@ -244,7 +251,7 @@ def main(argv=None):
         None,
         RuntimeConfig(
             serving=shapes.serving,
-            train_rows=shapes.seq_len,
+            train_rows=args.train_rows or shapes.seq_len,
             max_train_seqs=2,
             unified_serve_rows=shapes.unified_serve_rows,
             min_train_share=args.min_train_share,

@@ -7,11 +7,11 @@
 # finetune, finetune_schedules, finetune_sync, finetune4_backward, finetune4_recompute,
 # finetune4_saved, finetune4_interleaved, finetune4_memory_report,
 # loss_memory, host_dispatch, finetune_profile,
-# finetune4, inference, peft, unified, unified_rates, unified_runs, unified_seq512, unified_host,
-# unified_host512, unified_no_requests, scaling, scaling_1gpu, cmdbuf_modes, graph_launch,
-# optimizer_dispatch, finetune_host, finetune_host_same, finetune_host_fixed,
-# finetune_host_nocmdbuf, cmdbuf_types, finetune_cmdbuf, finetune_cmdbuf_stable, unified_cmdbuf,
-# unified_cmdbuf_stable, unified_stable, save_cache.
+# finetune4, inference, peft, unified, unified_rates, unified_alone_rows, unified_runs,
+# unified_seq512, unified_host, unified_host512, unified_no_requests, scaling, scaling_1gpu,
+# cmdbuf_modes, graph_launch, optimizer_dispatch, finetune_host, finetune_host_same,
+# finetune_host_fixed, finetune_host_nocmdbuf, cmdbuf_types, finetune_cmdbuf,
+# finetune_cmdbuf_stable, unified_cmdbuf, unified_cmdbuf_stable, unified_stable, save_cache.
 #
 # "scaling" runs bench_scaling.py on every mesh the host has devices for (1, 2, 4, 8
 # GPUs; NCCL_NVLS_ENABLE=0 below) after its check; a call has 10 minutes, so a multi-GPU
@@ -125,6 +125,13 @@ for p in "$@"; do
       --rates 1 2 4 --duration 20 --drain 25 --alone 8 --metrics-dir "$OUT" --out "$OUT/unified.jsonl" ;;
     unified_rates) phase unified_rates 570 python3 benchmarks/bench_unified.py \
       --rates 1 2 3 4 --duration 20 --drain 25 --alone 8 --metrics-dir "$OUT/rates" --out "$OUT/unified_rates.jsonl" ;;
+    unified_alone_rows)  # the runtime alone at 1024 and 2048 training rows a step; bench_finetune's
+      phase unified_alone_1024 200 python3 benchmarks/bench_unified.py --rates --alone 10 \
+        --out "$OUT/unified_alone.jsonl"
+      phase unified_alone_2048 220 python3 benchmarks/bench_unified.py --train-rows 2048 --rates --alone 10 \
+        --out "$OUT/unified_alone.jsonl"
+      phase finetune1 150 python3 benchmarks/bench_finetune.py --adapters 1 --steps 8 --sync each lagged \
+        --out "$OUT/finetune1.jsonl" ;;
     unified_runs)  # RuntimeConfig.unified_run 1 and 2 on the same arrivals
       phase unified_runs 570 python3 benchmarks/bench_unified.py --unified-run 1 2 --rates 1 2 4 --duration 15 \
         --drain 20 --alone 8 --metrics-dir "$OUT/runs" --out "$OUT/unified_runs.jsonl" ;;
