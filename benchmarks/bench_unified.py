@@ -236,6 +236,8 @@ def main(argv=None):
     batch_tokens = 2 * shapes.seq_len
     if args.train_seq_len:
         shapes = dataclasses.replace(shapes, seq_len=args.train_seq_len)
+    if args.train_rows is not None and not shapes.seq_len <= args.train_rows <= 2 * shapes.seq_len:
+        parser.error(f"--train-rows must hold one to two {shapes.seq_len}-token sequences")
     config = model_config(args.tiny)
     rows = Rows("unified", args.out)
 
