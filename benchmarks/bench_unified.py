@@ -236,8 +236,10 @@ def main(argv=None):
     batch_tokens = 2 * shapes.seq_len
     if args.train_seq_len:
         shapes = dataclasses.replace(shapes, seq_len=args.train_seq_len)
-    if args.train_rows is not None and not shapes.seq_len <= args.train_rows <= 2 * shapes.seq_len:
-        parser.error(f"--train-rows must hold one to two {shapes.seq_len}-token sequences")
+    # Fewer rows than a sequence: Runtime.add_job rejects the jobs. More than two sequences
+    # would only pad, as a step packs at most two (max_train_seqs).
+    if args.train_rows is not None and args.train_rows > 2 * shapes.seq_len:
+        parser.error(f"--train-rows over two {shapes.seq_len}-token sequences would only pad")
     config = model_config(args.tiny)
     rows = Rows("unified", args.out)
 
