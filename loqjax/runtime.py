@@ -14,13 +14,13 @@ fine-tune adapters. Before each step the ``StepPolicy`` decides whether it train
 Serving steps are pipelined as ``Engine.step``'s are: a call packs and dispatches its
 step before it reads back the step before, whose sampled tokens reach the new step's rows
 on the device (the policy's deadlines count the tokens in flight). A unified step after a
-unified step is pipelined so too (``RuntimeConfig.pipeline``); a serving step in flight
-is landed before a unified step is packed. The host keeps each job's rows and updates as
-dispatched, so it can plan the next step's examples and updates before the last one's
-losses are back, and ``land`` reads back and commits the step in flight. A step in
-flight whose landing evaluates a job (at its ``eval_every`` updates and its last) is
-landed before the next is dispatched, so the held-out loss is that of the weights of its
-update. Unpipelined, a unified step lands the step before it, then runs to the end.
+unified step, or after a serving step, is pipelined so too (``RuntimeConfig.pipeline``).
+The host keeps each job's rows and updates as dispatched, so it can plan the next step's
+examples and updates before the last one's losses are back, and ``land`` reads back and
+commits the step in flight. A step in flight whose landing evaluates a job (at its
+``eval_every`` updates and its last) is landed before the next is dispatched, so the
+held-out loss is that of the weights of its update. Unpipelined, a unified step lands the
+step before it, then runs to the end.
 
 With no request in flight a training step is the same unified step, its serving rows
 padding: one compiled training step in all (per set of sampler stages of its serving
@@ -116,14 +116,16 @@ class RuntimeConfig:
       saved_layers: with ``backward="recompute"``, how many of the last layers keep their
         activations instead of recomputing them.
       pipeline: when a unified step is dispatched before the step before it is read
-        back (see above), overlapping the host's packing and dispatch (~45 ms at the
-        Llama-3-8B shape, 36 of them in the jitted call: RESULTS.md run 42) with the
-        unified step before it: "always" (default);
+        back (see above), overlapping the host's packing and dispatch (~14 ms at the
+        Llama-3-8B shape under serving load, RESULTS.md run 64) with the step before it
+        on the device: "always" (default);
         "no_requests" only while no request is in flight, so a step under serving load
         commits its tokens as soon as it ends; "never". 2 jobs of the Llama-3-8B shape
         on an H200, 4 serving adapters at 1/2/4 req/s (RESULTS.md runs 37-38): "always"
         trains 9,626/9,830/9,062 tok/s against "no_requests"' 8,499/8,755/7,834, both
-        meeting the TPOT/TTFT SLO for every request.
+        meeting the TPOT/TTFT SLO for every request. Pipelined behind serving steps too,
+        it keeps 0.84-0.89x of fine-tuning alone at 1-2 req/s against 0.84x when a
+        serving step in flight was landed first (runs 64 and 66 against 62).
       unified_run: under serving load, pipelined, the policy starts training only when
         this many unified steps in a row would meet every request's deadlines, and goes on
         while one more would (1, the default: whenever one fits). A unified step queued
@@ -570,12 +572,9 @@ class Runtime(Engine):
         train, scheduled, rows, landed = [], None, {}, False
         if active and self._wants_training(start, pipeline):
             flight = self._in_flight
-            # A serving step in flight is short: landed first, its tokens are committed
-            # when they are ready, not after this step's packing and dispatch (~45 ms of
-            # host time at the Llama-3-8B shape, RESULTS.md run 42). Dispatching first
-            # trained no more under load, and a request missed its TPOT (run 39).
-            serving = not isinstance(flight, _UnifiedFlight)
-            if flight is not None and (not pipeline or serving or _evaluates(flight)):
+            # Pipelined behind a serving step too: the device runs the serving step while
+            # the host packs and dispatches this one.
+            if flight is not None and (not pipeline or _evaluates(flight)):
                 self.land()
                 landed = True
                 step_start = self.clock()

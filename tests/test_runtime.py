@@ -17,6 +17,7 @@ from loqjax import (
     add_lora_tables,
     load_model,
 )
+from loqjax.engine import _InFlight
 from loqjax.jobs import DatasetError, FineTuneJob, LoraConfig, load_records
 from loqjax.metrics import Metrics
 from loqjax.runtime import Runtime, RuntimeConfig, _UnifiedFlight
@@ -138,10 +139,10 @@ def test_warmup_runs_every_sampled_variant(trained, monkeypatch):
 @pytest.mark.parametrize("pipeline", ["no_requests", "always"])
 def test_serving_and_unified_steps_are_pipelined(trained, monkeypatch, pipeline):
     """A serving step's tokens are committed by the next call, which dispatches first, its
-    rows taking them on the device. A unified step under serving load lands the serving
-    step in flight first (before packing), then either is pipelined ("always": its token
-    committed by the next call) or lands itself. Either way the request's tokens are those
-    it gets served alone."""
+    rows taking them on the device. A unified step under serving load is pipelined so too
+    ("always": dispatched behind the serving step in flight, its token committed by the
+    next call) or lands the serving step first and itself at the end. Either way the
+    request's tokens are those it gets served alone."""
     runtime, *_ = trained
     monkeypatch.setattr(runtime, "runtime_config", dataclasses.replace(CONFIG, pipeline=pipeline))
     job = FineTuneJob("lower", DATA_DIR / "upper.jsonl", LoraConfig(rank=4), steps=1)
@@ -160,7 +161,8 @@ def test_serving_and_unified_steps_are_pipelined(trained, monkeypatch, pipeline)
         lambda *a: dispatched.append(runtime._in_flight) or dispatch(*a),
     )
     runtime.step()  # a unified step (training, and a decode)
-    assert dispatched == [None]  # the decode step landed before it
+    serving = dispatched[0]  # the decode step in flight, or landed before it
+    assert serving is None if pipeline == "no_requests" else isinstance(serving, _InFlight)
     monkeypatch.setattr(runtime, "_dispatch_unified", dispatch)
     if pipeline == "always":  # its own token is in flight
         assert len(handle.output().token_ids) == 2 and runtime._in_flight.out is not None
