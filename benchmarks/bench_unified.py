@@ -210,6 +210,12 @@ def main(argv=None):
         help="training rows a unified step (default one sequence; at most 2 sequences)",
     )
     parser.add_argument(
+        "--unified-serve-rows",
+        type=int,
+        default=None,
+        help="RuntimeConfig.unified_serve_rows (default 64; the tiny model's 16)",
+    )
+    parser.add_argument(
         "--unified-run",
         type=int,
         nargs="+",
@@ -257,7 +263,7 @@ def main(argv=None):
             serving=shapes.serving,
             train_rows=args.train_rows or shapes.seq_len,
             max_train_seqs=2,
-            unified_serve_rows=shapes.unified_serve_rows,
+            unified_serve_rows=args.unified_serve_rows or shapes.unified_serve_rows,
             min_train_share=args.min_train_share,
             slo=SLO,
             backward=args.backward,
