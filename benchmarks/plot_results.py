@@ -97,7 +97,7 @@ def finetune() -> Path:
 
 
 def unified() -> Path:
-    data = rows("unified_run22_rates.jsonl")
+    data = rows("unified_run26_rates.jsonl")
     alone = next(r for r in data if r["variant"] == "finetune alone")
     loads = [r for r in data if r["variant"].startswith("rate")]
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
