@@ -7,11 +7,12 @@
 # finetune, finetune_schedules, finetune_sync, finetune4_backward, finetune4_recompute,
 # finetune4_saved, finetune4_interleaved, finetune4_memory_report,
 # loss_memory, host_dispatch, finetune_profile,
-# finetune4, inference, peft, unified, unified_rates, unified_serve256, unified_alone_rows,
-# unified_runs, unified_seq512, unified_host, unified_host512, unified_no_requests, scaling,
-# scaling_1gpu, cmdbuf_modes, graph_launch, optimizer_dispatch, finetune_host,
-# finetune_host_same, finetune_host_fixed, finetune_host_nocmdbuf, cmdbuf_types, finetune_cmdbuf,
-# finetune_cmdbuf_stable, unified_cmdbuf, unified_cmdbuf_stable, unified_stable, save_cache.
+# finetune4, inference, peft, unified, unified_rates, unified_serve256, unified_rows2048,
+# unified_alone_rows, unified_runs, unified_seq512, unified_host, unified_host512,
+# unified_no_requests, scaling, scaling_1gpu, cmdbuf_modes, graph_launch, optimizer_dispatch,
+# finetune_host, finetune_host_same, finetune_host_fixed, finetune_host_nocmdbuf, cmdbuf_types,
+# finetune_cmdbuf, finetune_cmdbuf_stable, unified_cmdbuf, unified_cmdbuf_stable,
+# unified_stable, save_cache.
 #
 # "scaling" runs bench_scaling.py on every mesh the host has devices for (1, 2, 4, 8
 # GPUs; NCCL_NVLS_ENABLE=0 below) after its check; a call has 10 minutes, so a multi-GPU
@@ -129,6 +130,10 @@ for p in "$@"; do
       phase unified_serve256 570 python3 benchmarks/bench_unified.py --unified-serve-rows 256 \
         --rates 1 2 3 4 --duration 20 --drain 25 --alone 8 --metrics-dir "$OUT/serve256" \
         --out "$OUT/unified_serve256.jsonl" ;;
+    unified_rows2048)  # both jobs' sequences in every unified step, under load
+      phase unified_rows2048 570 python3 benchmarks/bench_unified.py --train-rows 2048 \
+        --rates 1 2 3 4 --duration 20 --drain 25 --alone 8 --metrics-dir "$OUT/rows2048" \
+        --out "$OUT/unified_rows2048.jsonl" ;;
     unified_alone_rows)  # the runtime alone at 1024 and 2048 training rows a step; bench_finetune's
       phase unified_alone_1024 200 python3 benchmarks/bench_unified.py --rates --alone 10 \
         --out "$OUT/unified_alone.jsonl"
