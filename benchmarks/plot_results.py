@@ -97,24 +97,37 @@ def finetune() -> Path:
 
 
 def unified() -> Path:
-    data = rows("unified_run26_rates.jsonl")
-    alone = next(r for r in data if r["variant"] == "finetune alone")
-    loads = [r for r in data if r["variant"].startswith("rate")]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    names = [r["variant"] for r in loads]
-    left.bar(names, [1e3 * r["tpot_p99"] for r in loads], color="C1", label="TPOT p99")
-    left.bar(names, [1e3 * r["tpot_p50"] for r in loads], color="C0", label="TPOT p50")
+    # The same arrivals at 1024 training rows a unified step (run 66) and 2048 (run 67).
+    runs = {
+        "1024 rows": rows("unified_run26_rates.jsonl"),
+        "2048 rows": rows("unified_run27_rows2048.jsonl"),
+    }
+    fig, (left, middle, right) = plt.subplots(1, 3, figsize=(15, 4))
+    width = 0.4
+    shares, attained = [], []
+    for i, (label, data) in enumerate(runs.items()):
+        alone = next(r for r in data if r["variant"] == "finetune alone")
+        loads = [r for r in data if r["variant"].startswith("rate")]
+        names = [r["variant"] for r in loads]  # the same rates in both runs
+        x = [j + (i - 0.5) * width for j in range(len(loads))]
+        left.bar(x, [1e3 * r["tpot_p50"] for r in loads], width, color=f"C{i}", label=label)
+        left.plot(x, [1e3 * r["tpot_p99"] for r in loads], "k_", ms=12)
+        middle.bar(x, [1e3 * r["itl_p99"] for r in loads], width, color=f"C{i}", label=label)
+        tokens = [alone["train_tokens_per_s"]] + [r["train_tokens_per_s"] for r in loads]
+        right.bar([j + (i - 0.5) * width for j in range(len(tokens))], tokens, width, label=label)
+        shares += [r["train_tokens_per_s"] / alone["train_tokens_per_s"] for r in loads]
+        attained += [r["slo_attainment"] for r in loads]
     left.axhline(45, color="k", ls=":", label="SLO 45 ms")
-    left.set(ylabel="ms", title="serving while 2 adapters fine-tune")
-    left.legend()
-    right.bar(
-        ["alone", *names], [alone["train_tokens_per_s"]] + [r["train_tokens_per_s"] for r in loads]
-    )
+    left.set(ylabel="ms", title="TPOT p50 (bars) and p99 (dashes)")
+    left.set_xticks(range(len(names)), names)
+    left.legend(loc="lower right")
+    middle.set(ylabel="ms", title="gap between two tokens, p99")
+    middle.set_xticks(range(len(names)), names)
+    right.set_xticks(range(len(names) + 1), ["alone", *names])
     right.set(ylabel="tokens/s", title="fine-tuning throughput")
-    shares = [r["train_tokens_per_s"] / alone["train_tokens_per_s"] for r in loads]
-    attained = min(r["slo_attainment"] for r in loads)
+    right.legend(loc="lower right")
     fig.suptitle(
-        f"unified runtime, Llama-3-8B shape, H200: lowest SLO attainment {attained:.0%}; "
+        f"unified runtime, Llama-3-8B shape, H200: lowest SLO attainment {min(attained):.0%}; "
         f"fine-tuning kept {min(shares):.2f}-{max(shares):.2f}x of alone"
     )
     fig.tight_layout()
