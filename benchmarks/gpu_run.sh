@@ -73,6 +73,13 @@ cmdbuf_phase() {  # cmdbuf_phase NAME SECONDS [VAR=VALUE...] COMMAND...: XLA's c
   gzip -f "$OUT/$name.log"
 }
 
+unified_four_rates() {  # unified_four_rates NAME METRICS_DIR [BENCH_UNIFIED_FLAG...]: 1-4 req/s
+  local name=$1 dir=$2
+  shift 2
+  phase "$name" 570 python3 benchmarks/bench_unified.py "$@" --rates 1 2 3 4 --duration 20 \
+    --drain 25 --alone 8 --metrics-dir "$OUT/$dir" --out "$OUT/$name.jsonl"
+}
+
 for p in "$@"; do
   case $p in
     info) phase info 60 bash -c "nvidia-smi; python3 -c 'import jax, flax, optax; print(jax.__version__, jax.devices(), flax.__version__, optax.__version__)'" ;;
@@ -124,16 +131,11 @@ for p in "$@"; do
     peft) phase peft 250 python3 benchmarks/bench_peft.py --out "$OUT/peft.jsonl" ;;
     unified) phase unified 570 python3 benchmarks/bench_unified.py \
       --rates 1 2 4 --duration 20 --drain 25 --alone 8 --metrics-dir "$OUT" --out "$OUT/unified.jsonl" ;;
-    unified_rates) phase unified_rates 570 python3 benchmarks/bench_unified.py \
-      --rates 1 2 3 4 --duration 20 --drain 25 --alone 8 --metrics-dir "$OUT/rates" --out "$OUT/unified_rates.jsonl" ;;
+    unified_rates) unified_four_rates unified_rates rates ;;
     unified_serve256)  # a unified step's serving rows 256, so that most prompts prefill in one
-      phase unified_serve256 570 python3 benchmarks/bench_unified.py --unified-serve-rows 256 \
-        --rates 1 2 3 4 --duration 20 --drain 25 --alone 8 --metrics-dir "$OUT/serve256" \
-        --out "$OUT/unified_serve256.jsonl" ;;
+      unified_four_rates unified_serve256 serve256 --unified-serve-rows 256 ;;
     unified_rows2048)  # both jobs' sequences in every unified step, under load
-      phase unified_rows2048 570 python3 benchmarks/bench_unified.py --train-rows 2048 \
-        --rates 1 2 3 4 --duration 20 --drain 25 --alone 8 --metrics-dir "$OUT/rows2048" \
-        --out "$OUT/unified_rows2048.jsonl" ;;
+      unified_four_rates unified_rows2048 rows2048 --train-rows 2048 ;;
     unified_alone_rows)  # the runtime alone at 1024 and 2048 training rows a step; bench_finetune's
       phase unified_alone_1024 200 python3 benchmarks/bench_unified.py --rates --alone 10 \
         --out "$OUT/unified_alone.jsonl"
