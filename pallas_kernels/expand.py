@@ -17,7 +17,16 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.platform import axis_mask, block_mask, default_interpret, load, rank_block
+from pallas_kernels.platform import (
+    axis_mask,
+    block_mask,
+    block_reach,
+    covering,
+    default_interpret,
+    load,
+    rank_block,
+    tile_reach,
+)
 from pallas_kernels.segments import plan_row_tiles
 
 
@@ -29,6 +38,8 @@ def _expand_kernel(
     w_ref,  # [N, R, D], or [N, D, R] when w_transposed
     scale_ref,  # [N] float32
     *refs,  # ([T, D] base,) if given, then out [T, D]
+    rank: int,
+    num_d: int,
     block_rows: int,
     block_d: int,
     block_r: int,
@@ -37,7 +48,6 @@ def _expand_kernel(
     *base_ref, out_ref = refs
     tile, col_block = pl.program_id(0), pl.program_id(1)
     slot, length = slot_ref[tile], length_ref[tile]
-    rank, num_d = h_ref.shape[1], out_ref.shape[1]
     rows = pl.ds(start_ref[tile], block_rows)
     cols = pl.ds(col_block * block_d, block_d)
     row_mask = jnp.arange(block_rows) < length
@@ -125,17 +135,31 @@ def segment_expand(
     out_dtype = out_dtype or (h.dtype if base is None else base.dtype)
     tiles = plan_row_tiles(seg_ends, seg_slots, num_rows, w.shape[0], block_rows, row_limit)
     block_d = min(block_d, max(16, pl.next_power_of_2(num_d)))
+    block_r = rank_block(rank)
     kernel = functools.partial(
         _expand_kernel,
+        rank=rank,
+        num_d=num_d,
         block_rows=block_rows,
         block_d=block_d,
-        block_r=rank_block(rank),
+        block_r=block_r,
         w_transposed=w_transposed,
     )
     base_operand = () if base is None else (base,)
+    rows_reach, d_reach = tile_reach(num_rows, block_rows), block_reach(num_d, block_d)
+    w_reach = (w.shape[0], d_reach, block_r) if w_transposed else (w.shape[0], block_r, d_reach)
+    out_spec = covering((num_rows, num_d), (rows_reach, d_reach))
     return pl.pallas_call(
         kernel,
         grid=(tiles.slot.shape[0], pl.cdiv(num_d, block_d)),
+        in_specs=[
+            *[pl.no_block_spec] * len(tiles),
+            covering(h.shape, (rows_reach, block_r)),
+            covering(w.shape, w_reach),
+            pl.no_block_spec,
+            *[out_spec] * len(base_operand),
+        ],
+        out_specs=out_spec,
         out_shape=jax.ShapeDtypeStruct((num_rows, num_d), out_dtype),
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=default_interpret() if interpret is None else interpret,

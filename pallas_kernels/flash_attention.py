@@ -428,13 +428,14 @@ def _fwd_kernel(
     o_ref,  # [T, D]
     lse_ref,  # [P] float32, base 2
     *,
+    num_rows: int,
     block_q: int,
     block_k: int,
     qk_scale: float,
     window: int | None,
 ):
     q_block = pl.program_id(0)
-    num_rows, head_dim = q_ref.shape
+    head_dim = q_ref.shape[-1]
     rows = pl.ds(q_block * block_q, block_q)
     row_mask = block_mask(axis_mask(q_block, block_q, num_rows), None)
     q = load(q_ref.at[rows, :], row_mask)
@@ -484,6 +485,7 @@ def _dq_kernel(
     do_ref,  # [T, D], zero on dead rows
     dq_ref,  # [T, D]
     *,
+    num_rows: int,
     block_q: int,
     block_k: int,
     qk_scale: float,
@@ -491,7 +493,7 @@ def _dq_kernel(
     window: int | None,
 ):
     q_block = pl.program_id(0)
-    num_rows, head_dim = q_ref.shape
+    head_dim = q_ref.shape[-1]
     rows = pl.ds(q_block * block_q, block_q)
     row_mask = block_mask(axis_mask(q_block, block_q, num_rows), None)
     q = load(q_ref.at[rows, :], row_mask)
@@ -532,6 +534,7 @@ def _dkv_kernel(
     dk_ref,
     dv_ref,  # [T, D]
     *,
+    num_rows: int,
     block_q: int,
     block_k: int,
     qk_scale: float,
@@ -539,7 +542,7 @@ def _dkv_kernel(
     window: int | None,
 ):
     k_block = pl.program_id(0)
-    num_rows, group, head_dim = q_ref.shape
+    _, group, head_dim = q_ref.shape
     cols = pl.ds(k_block * block_k, block_k)
     col_mask = block_mask(axis_mask(k_block, block_k, num_rows), None)
     k = load(k_ref.at[cols, :], col_mask)
@@ -594,12 +597,13 @@ def _forward(cfg: _Config, q, k, v, layout: _Layout, status):
     group = num_heads // k.shape[1]
     padded = layout.seg.shape[0]
     bounds = _query_block_bounds(layout, num_rows, cfg.block_q, cfg.block_k, cfg.sliding_window)
-    head = pl.BlockSpec((num_rows, None, head_dim), lambda i, h: (0, h, 0))
-    kv_head = pl.BlockSpec((num_rows, None, head_dim), lambda i, h: (0, h // group, 0))
+    head = pl.BlockSpec((padded, None, head_dim), lambda i, h: (0, h, 0))
+    kv_head = pl.BlockSpec((padded, None, head_dim), lambda i, h: (0, h // group, 0))
     rows = pl.BlockSpec((padded,), lambda i, h: (0,))
     head_rows = pl.BlockSpec((None, padded), lambda i, h: (h, 0))
     kernel = functools.partial(
         _fwd_kernel,
+        num_rows=num_rows,
         block_q=cfg.block_q,
         block_k=cfg.block_k,
         qk_scale=head_dim**-0.5 * math.log2(math.e),
@@ -638,14 +642,19 @@ def _backward(cfg: _Config, q, k, v, layout: _Layout, lse, delta, do):
     window = cfg.sliding_window
     scales = dict(qk_scale=head_dim**-0.5 * math.log2(math.e), sm_scale=head_dim**-0.5)
     rows = pl.BlockSpec((padded,), lambda i, h: (0,))
-    head = pl.BlockSpec((num_rows, None, head_dim), lambda i, h: (0, h, 0))
+    head = pl.BlockSpec((padded, None, head_dim), lambda i, h: (0, h, 0))
 
     bounds = _query_block_bounds(layout, num_rows, cfg.block_q_dq, cfg.block_k_dq, window)
-    kv_of_head = pl.BlockSpec((num_rows, None, head_dim), lambda i, h: (0, h // group, 0))
+    kv_of_head = pl.BlockSpec((padded, None, head_dim), lambda i, h: (0, h // group, 0))
     head_rows = pl.BlockSpec((None, padded), lambda i, h: (h, 0))
     dq = pl.pallas_call(
         functools.partial(
-            _dq_kernel, block_q=cfg.block_q_dq, block_k=cfg.block_k_dq, window=window, **scales
+            _dq_kernel,
+            num_rows=num_rows,
+            block_q=cfg.block_q_dq,
+            block_k=cfg.block_k_dq,
+            window=window,
+            **scales,
         ),
         grid=(bounds.shape[1], num_heads),
         in_specs=[
@@ -669,14 +678,19 @@ def _backward(cfg: _Config, q, k, v, layout: _Layout, lse, delta, do):
     bounds = _key_block_bounds(layout, num_rows, cfg.block_q_dkv, cfg.block_k_dkv, window)
     splits = cfg.dkv_head_splits
     heads = group // splits  # the q heads of one program, consecutive within the group
-    group_heads = pl.BlockSpec((num_rows, heads, head_dim), lambda i, h: (0, h, 0))
+    group_heads = pl.BlockSpec((padded, heads, head_dim), lambda i, h: (0, h, 0))
     group_rows = pl.BlockSpec((heads, padded), lambda i, h: (h, 0))
-    kv_of_program = pl.BlockSpec((num_rows, None, head_dim), lambda i, h: (0, h // splits, 0))
+    kv_of_program = pl.BlockSpec((padded, None, head_dim), lambda i, h: (0, h // splits, 0))
     # Split, every program writes its own heads' partial sums, in float32.
     partial = jax.ShapeDtypeStruct((num_rows, num_kv_heads * splits, head_dim), jnp.float32)
     dk, dv = pl.pallas_call(
         functools.partial(
-            _dkv_kernel, block_q=cfg.block_q_dkv, block_k=cfg.block_k_dkv, window=window, **scales
+            _dkv_kernel,
+            num_rows=num_rows,
+            block_q=cfg.block_q_dkv,
+            block_k=cfg.block_k_dkv,
+            window=window,
+            **scales,
         ),
         grid=(bounds.shape[1], num_kv_heads * splits),
         in_specs=[

@@ -43,10 +43,13 @@ from pallas_kernels.platform import (
     DOT_ROWS,
     axis_mask,
     block_mask,
+    block_reach,
+    covering,
     default_interpret,
     load,
     rank_block,
     rows_dot,
+    tile_reach,
 )
 from pallas_kernels.segments import RowTiles, plan_row_tiles
 
@@ -71,6 +74,8 @@ class _Projection(NamedTuple):
     num_blocks: int  # its column blocks (programs per row tile)
     block_n: int
     block_r: int
+    rank: int
+    num_d: int
     has_base: bool
 
 
@@ -86,6 +91,8 @@ def _shrink_kernel(
     length_ref,  # [W] int32 each
     x_ref,  # [T, K]
     *refs,  # a_g [N, K, R_g] per projection, then part_g [splits, T, R_g] f32 per projection
+    num_k: int,
+    ranks: tuple[int, ...],
     block_k: int,
     blocks_per_split: int,
     k_masked: bool,
@@ -93,25 +100,23 @@ def _shrink_kernel(
     a_refs, part_refs = refs[: len(refs) // 2], refs[len(refs) // 2 :]
     slot, length, rows, row_mask = _tile(slot_ref, start_ref, length_ref, pl.program_id(0))
     split = pl.program_id(1)
-    num_k = x_ref.shape[1]
 
     @pl.when((length > 0) & (slot >= 0))
     def _():
-        accs = [jnp.zeros((DOT_ROWS, rank_block(a.shape[2])), jnp.float32) for a in a_refs]
+        accs = [jnp.zeros((DOT_ROWS, rank_block(rank)), jnp.float32) for rank in ranks]
         for i in range(blocks_per_split):  # unrolled: independent loads in flight
             block = split * blocks_per_split + i
             cols = pl.ds(block * block_k, block_k)
             # Blocks past K (in the last split) load nothing and add zeros.
             k_mask = (block * block_k + jnp.arange(block_k) < num_k) if k_masked else None
             x = load(x_ref.at[rows, cols], block_mask(row_mask, k_mask))
-            for g, a_ref in enumerate(a_refs):
-                rank = a_ref.shape[2]
+            for g, (a_ref, rank) in enumerate(zip(a_refs, ranks, strict=True)):
                 r_mask = axis_mask(0, accs[g].shape[1], rank)
                 a_block = a_ref.at[slot, cols, pl.ds(0, accs[g].shape[1])]
                 a = load(a_block, block_mask(k_mask, r_mask))
                 accs[g] = accs[g] + rows_dot(x, a)
-        for acc, part_ref, a_ref in zip(accs, part_refs, a_refs, strict=True):
-            r_mask = axis_mask(0, acc.shape[1], a_ref.shape[2])
+        for acc, part_ref, rank in zip(accs, part_refs, ranks, strict=True):
+            r_mask = axis_mask(0, acc.shape[1], rank)
             plgpu.store(
                 part_ref.at[split, rows, pl.ds(0, acc.shape[1])],
                 acc,
@@ -178,8 +183,8 @@ def _expand_projection(
     x_dtype,
 ):
     """Program ``block`` of projection ``p`` on one row tile."""
-    splits, rank, num_d = part_ref.shape[0], part_ref.shape[2], y_ref.shape[1]
-    r_cols, r_mask = pl.ds(0, p.block_r), axis_mask(0, p.block_r, rank)
+    splits, num_d = part_ref.shape[0], p.num_d
+    r_cols, r_mask = pl.ds(0, p.block_r), axis_mask(0, p.block_r, p.rank)
     h_mask = block_mask(row_mask, r_mask)
     first = block * sub_blocks
     end = jnp.minimum(first + sub_blocks, pl.cdiv(num_d, p.block_n))
@@ -295,34 +300,60 @@ def lora_split_forward(
         assert a.shape[:2] == (num_slots, num_k), (x.shape, a.shape)
         assert b.shape[:2] == (num_slots, a.shape[2]) and scale.shape == (num_slots,), (b, scale)
         assert base is None or base.shape == (num_rows, b.shape[2]), (base.shape, b.shape)
+    ranks = tuple(a.shape[2] for a, _, _ in tables)
+    # Windows: DOT_ROWS rows from any tile start, K blocks up to the last split's end, and
+    # each rank's block.
+    rows_reach, k_reach = tile_reach(num_rows, DOT_ROWS), splits * blocks_per_split * block_k
+    part_shapes = [(splits, num_rows, rank) for rank in ranks]
+    part_specs = [
+        covering(shape, (splits, rows_reach, rank_block(rank)))
+        for shape, rank in zip(part_shapes, ranks, strict=True)
+    ]
     parts = pl.pallas_call(
         functools.partial(
             _shrink_kernel,
+            num_k=num_k,
+            ranks=ranks,
             block_k=block_k,
             blocks_per_split=blocks_per_split,
-            k_masked=splits * blocks_per_split * block_k != num_k,
+            k_masked=k_reach != num_k,
         ),
         grid=(num_tiles, splits),
-        out_shape=[
-            jax.ShapeDtypeStruct((splits, num_rows, a.shape[2]), jnp.float32) for a, _, _ in tables
+        in_specs=[
+            *[pl.no_block_spec] * len(tiles),
+            covering(x.shape, (rows_reach, k_reach)),
+            *[
+                covering(a.shape, (num_slots, k_reach, rank_block(a.shape[2])))
+                for a, _, _ in tables
+            ],
         ],
+        out_specs=part_specs,
+        out_shape=[jax.ShapeDtypeStruct(shape, jnp.float32) for shape in part_shapes],
         compiler_params=params,
         interpret=interpret,
         name="smlm_split_shrink",
     )(*tiles, x, *(a for a, _, _ in tables))
 
-    projections, operands, y_shapes, h_shapes = [], [], [], []
+    projections, operands, in_specs, y_shapes, h_shapes, y_specs, h_specs = ([] for _ in range(7))
     num_blocks = 0
-    for (_, b, scale), base, part in zip(tables, bases, parts, strict=True):
+    for (_, b, scale), base, part, part_spec in zip(tables, bases, parts, part_specs, strict=True):
         rank, num_d = b.shape[1:]
         bn = min(block_n, max(16, pl.next_power_of_2(num_d)))
         blocks = pl.cdiv(pl.cdiv(num_d, bn), sub_blocks)
-        projections.append(_Projection(num_blocks, blocks, bn, rank_block(rank), base is not None))
+        block_r, d_reach = rank_block(rank), block_reach(num_d, bn)
+        projections.append(
+            _Projection(num_blocks, blocks, bn, block_r, rank, num_d, base is not None)
+        )
         num_blocks += blocks
+        y_spec = covering((num_rows, num_d), (rows_reach, d_reach))
         operands += [part, b, scale.astype(jnp.float32), *([] if base is None else [base])]
+        in_specs += [part_spec, covering(b.shape, (num_slots, block_r, d_reach)), pl.no_block_spec]
+        in_specs += [] if base is None else [y_spec]
         y_dtype = out_dtype or (x.dtype if base is None else base.dtype)
         y_shapes.append(jax.ShapeDtypeStruct((num_rows, num_d), y_dtype))
         h_shapes.append(jax.ShapeDtypeStruct((num_rows, rank), x.dtype))
+        y_specs.append(y_spec)
+        h_specs.append(covering((num_rows, rank), (rows_reach, block_r)))
     out = pl.pallas_call(
         functools.partial(
             _expand_kernel,
@@ -332,6 +363,8 @@ def lora_split_forward(
             save_h=return_h,
         ),
         grid=(num_tiles, num_blocks),
+        in_specs=[*[pl.no_block_spec] * len(tiles), *in_specs],
+        out_specs=y_specs + (h_specs if return_h else []),
         out_shape=y_shapes + (h_shapes if return_h else []),
         compiler_params=params,
         interpret=interpret,

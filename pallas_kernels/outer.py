@@ -19,7 +19,15 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.platform import axis_mask, block_mask, default_interpret, load
+from pallas_kernels.platform import (
+    axis_mask,
+    block_mask,
+    block_reach,
+    covering,
+    default_interpret,
+    load,
+    tile_reach,
+)
 from pallas_kernels.segments import plan_row_tiles, plan_slot_chunks
 
 
@@ -32,12 +40,13 @@ def _outer_kernel(
     rhs_ref,  # [T, Q]
     out_ref,  # [C, P, Q] float32 partials
     *,
+    num_p: int,
+    num_q: int,
     block_rows: int,
     block_p: int,
     block_q: int,
 ):
     chunk, p_block, q_block = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    num_p, num_q = lhs_ref.shape[1], rhs_ref.shape[1]
     p_cols = pl.ds(p_block * block_p, block_p)
     q_cols = pl.ds(q_block * block_q, block_q)
     p_mask = axis_mask(p_block, block_p, num_p)
@@ -69,12 +78,13 @@ def _sum_chunks_kernel(
     end_ref,  # [N] int32: each slot's range of chunks
     partials_ref,  # [C, P, Q] float32
     *refs,  # ([N] float32 scale,) if scaled, then out [N, P, Q]
+    num_p: int,
+    num_q: int,
     block_p: int,
     block_q: int,
 ):
     *scale_ref, out_ref = refs
     slot, p_block, q_block = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    num_p, num_q = out_ref.shape[1], out_ref.shape[2]
     p_cols = pl.ds(p_block * block_p, block_p)
     q_cols = pl.ds(q_block * block_q, block_q)
     mask = block_mask(axis_mask(p_block, block_p, num_p), axis_mask(q_block, block_q, num_q))
@@ -144,9 +154,19 @@ def segment_outer(
     compiler_params = plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
     interpret = default_interpret() if interpret is None else interpret
     num_chunks = chunks.slot.shape[0]
+    rows_reach = tile_reach(num_rows, block_rows)
+    p_reach, q_reach = block_reach(num_p, block_p), block_reach(num_q, block_q)
+    partials_spec = covering((num_chunks, num_p, num_q), (num_chunks, p_reach, q_reach))
+    extents = dict(num_p=num_p, num_q=num_q, block_p=block_p, block_q=block_q)
     partials = pl.pallas_call(
-        functools.partial(_outer_kernel, block_rows=block_rows, block_p=block_p, block_q=block_q),
+        functools.partial(_outer_kernel, block_rows=block_rows, **extents),
         grid=(num_chunks, *grid_pq),
+        in_specs=[
+            *[pl.no_block_spec] * 4,
+            covering(lhs.shape, (rows_reach, p_reach)),
+            covering(rhs.shape, (rows_reach, q_reach)),
+        ],
+        out_specs=partials_spec,
         out_shape=jax.ShapeDtypeStruct((num_chunks, num_p, num_q), jnp.float32),
         compiler_params=compiler_params,
         interpret=interpret,
@@ -154,8 +174,10 @@ def segment_outer(
     )(chunks.tiles.start, chunks.tiles.length, chunks.begin, chunks.end, lhs, rhs)
     scale_operand = () if scale is None else (scale.astype(jnp.float32),)
     return pl.pallas_call(
-        functools.partial(_sum_chunks_kernel, block_p=block_p, block_q=block_q),
+        functools.partial(_sum_chunks_kernel, **extents),
         grid=(num_slots, *grid_pq),
+        in_specs=[pl.no_block_spec] * 2 + [partials_spec] + [pl.no_block_spec] * len(scale_operand),
+        out_specs=covering((num_slots, num_p, num_q), (num_slots, p_reach, q_reach)),
         out_shape=jax.ShapeDtypeStruct((num_slots, num_p, num_q), out_dtype),
         compiler_params=compiler_params,
         interpret=interpret,

@@ -51,7 +51,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.platform import default_interpret, load
+from pallas_kernels.platform import covering, default_interpret, load, tile_reach
 
 # Masked scores: finite, so a fully masked row never computes inf - inf.
 _MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
@@ -377,13 +377,22 @@ def _attend(
             jax.ShapeDtypeStruct(part, jnp.float32),
         )
     operands = (*tiles, q_pos, page_tables, q, k_flat, v_flat)
+    # A tile reads and writes ``rows`` rows from its start, which may pass the last row.
+    rows_reach = tile_reach(num_rows, rows)
+    row_spec = covering(q.shape, (rows_reach, *q.shape[1:]))
+    in_specs = [*[pl.no_block_spec] * len(tiles), covering(q_pos.shape, (rows_reach,))]
+    in_specs += [pl.no_block_spec, row_spec, pl.no_block_spec, pl.no_block_spec]
+    out_specs = row_spec if k_splits == 1 else [pl.no_block_spec] * 3
     aliases = {}
     if previous is not None:
         aliases = {len(operands): 0}
         operands = (*operands, previous)
+        in_specs.append(row_spec)
     return pl.pallas_call(
         kernel,
         grid=(num_tiles, num_kv_heads, k_splits),
+        in_specs=in_specs,
+        out_specs=out_specs,
         out_shape=out_shape,
         input_output_aliases=aliases,
         compiler_params=plgpu.CompilerParams(

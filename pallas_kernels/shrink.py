@@ -17,7 +17,16 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.platform import axis_mask, block_mask, default_interpret, load, rank_block
+from pallas_kernels.platform import (
+    axis_mask,
+    block_mask,
+    block_reach,
+    covering,
+    default_interpret,
+    load,
+    rank_block,
+    tile_reach,
+)
 from pallas_kernels.segments import plan_row_tiles
 
 
@@ -28,6 +37,8 @@ def _shrink_kernel(
     x_ref,  # [T, K]
     w_ref,  # [N, K, R], or [N, R, K] when w_transposed
     *refs,  # ([N] float32 scale,) if scaled, then out [T, R] or [k_splits, T, R]
+    num_k: int,
+    rank: int,
     block_rows: int,
     block_k: int,
     block_r: int,
@@ -39,7 +50,6 @@ def _shrink_kernel(
     # With K split, out_ref is [k_splits, T, R] and this program writes one partial sum.
     out_index = (split,) if len(out_ref.shape) == 3 else ()
     slot, length = slot_ref[tile], length_ref[tile]
-    num_k, rank = x_ref.shape[1], out_ref.shape[-1]
     rows = pl.ds(start_ref[tile], block_rows)
     row_mask = jnp.arange(block_rows) < length
     r_mask = axis_mask(0, block_r, rank)
@@ -138,19 +148,31 @@ def segment_shrink(
     if k_splits is None:
         k_splits = _default_k_splits(pl.cdiv(num_rows, block_rows), num_k_blocks)
     assert num_k_blocks % k_splits == 0, (num_k_blocks, k_splits)
+    block_r = rank_block(rank)
     kernel = functools.partial(
         _shrink_kernel,
+        num_k=num_k,
+        rank=rank,
         block_rows=block_rows,
         block_k=block_k,
-        block_r=rank_block(rank),
+        block_r=block_r,
         blocks_per_split=num_k_blocks // k_splits,
         w_transposed=w_transposed,
     )
     scale_operand = () if scale is None else (scale.astype(jnp.float32),)
     out_shape = (num_rows, rank) if k_splits == 1 else (k_splits, num_rows, rank)
+    rows_reach, k_reach = tile_reach(num_rows, block_rows), block_reach(num_k, block_k)
+    w_reach = (w.shape[0], block_r, k_reach) if w_transposed else (w.shape[0], k_reach, block_r)
     out = pl.pallas_call(
         kernel,
         grid=(tiles.slot.shape[0], k_splits),
+        in_specs=[
+            *[pl.no_block_spec] * len(tiles),
+            covering(x.shape, (rows_reach, k_reach)),
+            covering(w.shape, w_reach),
+            *[pl.no_block_spec] * len(scale_operand),
+        ],
+        out_specs=covering(out_shape, (*out_shape[:-2], rows_reach, block_r)),
         out_shape=jax.ShapeDtypeStruct(out_shape, out_dtype if k_splits == 1 else jnp.float32),
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=default_interpret() if interpret is None else interpret,

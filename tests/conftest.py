@@ -3,6 +3,9 @@ adapter tables, and shared jitted forwards."""
 
 from __future__ import annotations
 
+import contextlib
+
+import jax
 import pytest
 from flax import nnx
 
@@ -18,6 +21,22 @@ from hf_reference import (
     make_peft_model,
     make_torch_model,
 )
+
+
+@pytest.fixture
+def cuda_lowering():
+    """Lowering for CUDA on a machine without a GPU: newer JAX reads the target GPU (its
+    compute capability) from an abstract device of an abstract mesh, and older JAX needs
+    none."""
+    abstract_device = getattr(jax.sharding, "AbstractDevice", None)
+    if abstract_device is None or jax.default_backend() == "gpu":
+        context = contextlib.nullcontext()
+    else:
+        device = abstract_device(device_kind="NVIDIA H100", num_cores=None, platform="gpu")
+        mesh = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=device)
+        context = jax.sharding.use_abstract_mesh(mesh)
+    with context:
+        yield
 
 
 @pytest.fixture(scope="session")

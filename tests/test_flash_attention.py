@@ -500,7 +500,7 @@ def test_rejects_bad_arguments():
 
 
 @pytest.mark.parametrize("head_dim, window", [(128, None), (64, 256)])
-def test_kernels_lower_to_triton(head_dim, window):
+def test_kernels_lower_to_triton(cuda_lowering, head_dim, window):
     """The Pallas-to-Triton lowering (plain Python, no GPU needed) accepts all three kernels
     at their default blocks. Compiling the Triton IR and running it needs a GPU."""
     rows, heads, kv_heads = 1024, 8, 2

@@ -349,7 +349,9 @@ def realistic_blocks(decode_splits, prefill_splits):
     ("window", "decode_splits", "prefill_splits", "page_size"),
     [(*case, GPU_PAGE) for case in GPU_CASES] + [(None, None, 1, 8), (None, 4, 1, 128)],
 )
-def test_lowers_to_valid_triton_ir(monkeypatch, window, decode_splits, prefill_splits, page_size):
+def test_lowers_to_valid_triton_ir(
+    cuda_lowering, monkeypatch, window, decode_splits, prefill_splits, page_size
+):
     """On any host: both kernels lower through Pallas' Triton backend at Llama-3-8B shapes
     and the Triton modules verify. Compiling them to PTX and running them needs a GPU
     (the gpu-marked test below)."""
