@@ -12,24 +12,16 @@ specification the kernels are tested against:
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
 
 import pallas_kernels
+from pallas_kernels.platform import KernelImpl, use_kernels
 
 if TYPE_CHECKING:
     from loqjax.kv_cache import LayerKV
-
-AttentionImpl = Literal["auto", "pallas", "reference"]
-
-
-def use_kernels(impl: AttentionImpl) -> bool:
-    """Whether ``impl`` means the Pallas kernels on this backend."""
-    if impl not in ("auto", "pallas", "reference"):
-        raise ValueError(f"attention impl must be 'auto', 'pallas' or 'reference', got {impl!r}")
-    return impl == "pallas" or (impl == "auto" and jax.default_backend() == "gpu")
 
 
 def packed_attention(
@@ -40,7 +32,7 @@ def packed_attention(
     segment_ids: jax.Array,
     *,
     sliding_window: int | None = None,
-    impl: AttentionImpl = "auto",
+    impl: KernelImpl = "auto",
 ) -> jax.Array:
     """Causal attention of a packed batch within its segments: ``reference_attention``
     with queries and keys the same rows. q [T, Hq, D], k/v [T, Hkv, D] -> [T, Hq, D].
@@ -65,7 +57,7 @@ def cached_attention(
     q_seg: jax.Array,
     *,
     sliding_window: int | None = None,
-    impl: AttentionImpl = "auto",
+    impl: KernelImpl = "auto",
 ) -> jax.Array:
     """``paged_attention`` (same arguments), on the kernel or the reference; not
     differentiable (serving only)."""

@@ -16,9 +16,9 @@ import jax.numpy as jnp
 from flax import nnx
 from safetensors import safe_open
 
-from loqjax.attention import AttentionImpl
 from loqjax.config import ModelConfig
 from loqjax.model import CausalLM
+from pallas_kernels.platform import KernelImpl
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -35,7 +35,7 @@ def load_model(
     path: str | os.PathLike,
     dtype: jnp.dtype = jnp.float32,
     *,
-    attention_impl: AttentionImpl = "auto",
+    kernels: KernelImpl = "auto",
 ) -> tuple[ModelConfig, CausalLM]:
     """Builds a ``CausalLM`` from a local HF checkpoint directory.
 
@@ -44,7 +44,7 @@ def load_model(
         ``model.safetensors.index.json`` plus its shards.
       dtype: parameter (and compute) dtype, e.g. ``jnp.float32`` or ``jnp.bfloat16``;
         checkpoint tensors are cast to it whatever their stored dtype.
-      attention_impl: see ``CausalLM``.
+      kernels: see ``CausalLM``.
 
     Raises:
       CheckpointError: missing config or shard file, missing, unexpected or
@@ -60,7 +60,7 @@ def load_model(
     config = ModelConfig.from_hf(path)
 
     abstract = nnx.eval_shape(
-        lambda: CausalLM(config, param_dtype=dtype, rngs=nnx.Rngs(0), attention_impl=attention_impl)
+        lambda: CausalLM(config, param_dtype=dtype, rngs=nnx.Rngs(0), kernels=kernels)
     )
     graphdef, state = nnx.split(abstract)
     params = {hf_tensor_name(p): (p, var) for p, var in nnx.to_flat_state(state)}

@@ -12,7 +12,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from loqjax import parallel
-from pallas_kernels import smlm_group
+from pallas_kernels import smlm_group, smlm_group_reference
+from pallas_kernels.platform import use_kernels
 
 if TYPE_CHECKING:
     from loqjax.lora import LoraBatch, LoraTable
@@ -67,7 +68,8 @@ def project(linears: Sequence[Linear], x: jax.Array, lora: LoraBatch | None) -> 
     v; gate and up), their adapter terms in one grouped SMLM: at decode sizes one kernel
     launch for the whole group instead of two per projection.
 
-    Like PEFT, an adapter computes in its own dtype whatever the input's. On a mesh (the
+    Like PEFT, an adapter computes in its own dtype whatever the input's. The terms are
+    the kernels' or the plain-jnp reference's, as ``lora.kernels`` says. On a mesh (the
     linears' ``tensor_parallel``, the same for all of them), the base outputs take their
     Megatron layout and the adapter terms run on each device's shard
     (``loqjax.parallel.lora_projection``).
@@ -80,7 +82,9 @@ def project(linears: Sequence[Linear], x: jax.Array, lora: LoraBatch | None) -> 
     tables = [linears[i].adapters.arrays() for i in grouped]
     args = (x.astype(tables[0][0].dtype), tables, [ys[i] for i in grouped])
     args += (lora.seg_ends, lora.seg_slots, lora.grad_rows)
-    if tp is None:
+    if not use_kernels(lora.kernels):  # plain jnp; on a mesh, GSPMD partitions it
+        outs = smlm_group_reference(*args)
+    elif tp is None:
         outs = smlm_group(*args, lora.tiles)
     else:  # each device plans its own shard's rows
         outs = parallel.lora_projection(tp, *args)

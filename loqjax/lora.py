@@ -24,6 +24,7 @@ from flax import nnx
 from loqjax import sharding
 from loqjax.model import PROJECTIONS, CausalLM
 from pallas_kernels import RowTiles, plan_forward
+from pallas_kernels.platform import KernelImpl
 
 # Projection name -> the submodule of a decoder layer that holds it (HF names).
 TARGET_MODULES = {name: parent for parent, names in PROJECTIONS.items() for name in names}
@@ -65,6 +66,8 @@ class LoraBatch:
       tiles: the small-batch SMLM forward's row tiles of this metadata
         (``pallas_kernels.plan_forward``), which ``CausalLM`` plans once per step for all
         its projections (``with_plan``); None: every kernel call plans its own.
+      kernels: static, what computes the adapter terms (``pallas_kernels.platform``'s
+        ``KernelImpl``); ``CausalLM`` sets its own (``on``).
     """
 
     seg_ends: jax.Array
@@ -72,6 +75,7 @@ class LoraBatch:
     grad_rows: jax.Array | None = None
     train_rows: int | None = dataclasses.field(default=None, metadata=dict(static=True))
     tiles: RowTiles | None = None
+    kernels: KernelImpl = dataclasses.field(default="auto", metadata=dict(static=True))
 
     @classmethod
     def pack(
@@ -129,6 +133,10 @@ class LoraBatch:
         return cls(
             seg_ends, seg_slots, None if grad_rows is None else np.int32(grad_rows), train_rows
         )
+
+    def on(self, kernels: KernelImpl) -> LoraBatch:
+        """This batch with its adapter terms computed by ``kernels``."""
+        return self if kernels == self.kernels else dataclasses.replace(self, kernels=kernels)
 
     def with_plan(self, num_rows: int, num_slots: int) -> LoraBatch:
         """This batch with ``tiles`` planned for ``num_rows`` rows over tables of

@@ -20,8 +20,9 @@ and values to the cache before attending over its sequences' cached pages. A uni
 puts ``num_train_rows`` training rows first: they attend among themselves (packed, as
 without a cache) and never touch the cache, and they alone are differentiated.
 
-Attention runs on the Pallas kernels on a GPU and on the plain-jnp references elsewhere
-(``attention_impl``; see ``loqjax.attention``). Each decoder layer is its own nested
+Attention and the adapter terms run on the Pallas kernels on a GPU and on the plain-jnp
+references elsewhere (``kernels``; see ``pallas_kernels.platform.use_kernels``: off GPU the
+kernels only run interpreted, for tests). Each decoder layer is its own nested
 ``jax.jit`` with static structure, so the 32 layers of an 8B model are traced, lowered and
 their kernels compiled once rather than once per layer.
 """
@@ -36,11 +37,12 @@ import jax.numpy as jnp
 from flax import nnx
 
 from loqjax import parallel
-from loqjax.attention import AttentionImpl, cached_attention, packed_attention
+from loqjax.attention import cached_attention, packed_attention
 from loqjax.config import ModelConfig
 from loqjax.layers import Embedding, Linear, RMSNorm, project
 from loqjax.loss import head_token_losses
 from loqjax.rope import apply_rope, rope_cos_sin
+from pallas_kernels.platform import KernelImpl, use_kernels
 
 if TYPE_CHECKING:
     from jax.sharding import Mesh
@@ -65,7 +67,7 @@ class Attention(nnx.Module):
         *,
         param_dtype: jnp.dtype,
         rngs: nnx.Rngs,
-        attention_impl: AttentionImpl = "auto",
+        kernels: KernelImpl = "auto",
     ):
         d, hd = config.hidden_size, config.head_dim
         qkv = dict(use_bias=config.attention_bias, param_dtype=param_dtype, rngs=rngs)
@@ -77,7 +79,7 @@ class Attention(nnx.Module):
         self.num_kv_heads = config.num_kv_heads
         self.head_dim = hd
         self.sliding_window = config.sliding_window
-        self.attention_impl = attention_impl
+        self.kernels = kernels
         # Static: the device mesh of a model placed by ``loqjax.sharding.shard_model``.
         self.mesh: Mesh | None = None
 
@@ -105,7 +107,7 @@ class Attention(nnx.Module):
         k = k.reshape(t, self.num_kv_heads, self.head_dim)
         v = v.reshape(t, self.num_kv_heads, self.head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        impl = dict(sliding_window=self.sliding_window, impl=self.attention_impl)
+        impl = dict(sliding_window=self.sliding_window, impl=self.kernels)
         if self.mesh is None:
             attend = functools.partial(packed_attention, **impl)
         else:  # each device with its own heads
@@ -155,13 +157,11 @@ class DecoderLayer(nnx.Module):
         *,
         param_dtype: jnp.dtype,
         rngs: nnx.Rngs,
-        attention_impl: AttentionImpl = "auto",
+        kernels: KernelImpl = "auto",
     ):
         norm = dict(eps=config.rms_norm_eps, param_dtype=param_dtype)
         self.input_layernorm = RMSNorm(config.hidden_size, **norm)
-        self.self_attn = Attention(
-            config, param_dtype=param_dtype, rngs=rngs, attention_impl=attention_impl
-        )
+        self.self_attn = Attention(config, param_dtype=param_dtype, rngs=rngs, kernels=kernels)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, **norm)
         self.mlp = MLP(config, param_dtype=param_dtype, rngs=rngs)
 
@@ -209,21 +209,21 @@ class CausalLM(nnx.Module):
         *,
         param_dtype: jnp.dtype = jnp.float32,
         rngs: nnx.Rngs,
-        attention_impl: AttentionImpl = "auto",
+        kernels: KernelImpl = "auto",
     ):
         """
         Args:
-          attention_impl: "pallas" (the GPU kernels; interpreted off GPU), "reference"
-            (plain jnp) or "auto": the kernels on a GPU, the references elsewhere.
+          kernels: what computes attention and the adapter terms: "pallas" (the GPU
+            kernels; interpreted off GPU), "reference" (plain jnp) or "auto": the
+            kernels on a GPU, the references elsewhere.
         """
+        use_kernels(kernels)  # a bad name fails here, not at the first trace
         self.config = config
+        self.kernels = kernels
         init = dict(param_dtype=param_dtype, rngs=rngs)
         self.embed_tokens = Embedding(config.vocab_size, config.hidden_size, **init)
         self.layers = nnx.List(
-            [
-                DecoderLayer(config, **init, attention_impl=attention_impl)
-                for _ in range(config.num_layers)
-            ]
+            [DecoderLayer(config, **init, kernels=kernels) for _ in range(config.num_layers)]
         )
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, param_dtype=param_dtype)
         # HF stores lm_head.weight as [vocab, d], the embedding layout: no transpose either way.
@@ -289,9 +289,11 @@ class CausalLM(nnx.Module):
         """
         if (cache is None) != (pages is None):
             raise ValueError("a KV cache and its pages must be passed together")
-        if lora is not None and lora.tiles is None and self.mesh is None:
-            if num_slots := self.lora_slots():
-                lora = lora.with_plan(tokens.shape[0], num_slots)  # once for every layer
+        if lora is not None:
+            lora = lora.on(self.kernels)
+            if lora.tiles is None and self.mesh is None and use_kernels(self.kernels):
+                if num_slots := self.lora_slots():
+                    lora = lora.with_plan(tokens.shape[0], num_slots)  # once for every layer
         cos, sin = rope_cos_sin(positions, self.config)
         x = parallel.constrain_rows(self.mesh, self.embed_tokens(tokens))
         layer_kvs = (None,) * len(self.layers) if cache is None else cache

@@ -36,10 +36,11 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from loqjax.attention import AttentionImpl, cached_attention
+from loqjax.attention import cached_attention
 from loqjax.attention import packed_attention as _packed_attention
 from loqjax.kv_cache import LayerKV
 from pallas_kernels import smlm_group_backward, smlm_group_forward
+from pallas_kernels.platform import KernelImpl
 
 DATA, MODEL = "data", "model"
 AXES = (DATA, MODEL)
@@ -247,7 +248,7 @@ def packed_attention(
     segment_ids: jax.Array,
     *,
     sliding_window: int | None,
-    impl: AttentionImpl,
+    impl: KernelImpl,
 ) -> jax.Array:
     """``loqjax.attention.packed_attention`` with each device attending with its own
     heads (q/k/v [T, H, D] split along H over "model"); differentiable."""
@@ -273,7 +274,7 @@ def write_and_attend(
     q_seg: jax.Array,
     *,
     sliding_window: int | None,
-    impl: AttentionImpl,
+    impl: KernelImpl,
 ) -> tuple[LayerKV, jax.Array]:
     """``kv.write(k, v, slots)`` then ``cached_attention`` over it, each device on its
     own KV heads and their pools' slice; returns (the written pools, the attention)."""

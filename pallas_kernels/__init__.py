@@ -2,7 +2,8 @@
 forward and backward, and paged attention for the serving step (forward).
 
 Every kernel also runs with ``interpret=True`` (the default off-GPU), which is
-how the CPU test suite exercises them.
+how the CPU test suite exercises them; a model off GPU computes with the plain-jnp
+references instead (``platform.use_kernels``).
 """
 
 from pallas_kernels.expand import segment_expand
@@ -16,7 +17,7 @@ from pallas_kernels.paged_attention import (
     paged_attention,
     plan_query_tiles,
 )
-from pallas_kernels.reference import smlm_reference
+from pallas_kernels.reference import smlm_group_reference, smlm_reference
 from pallas_kernels.segments import (
     RowTiles,
     SlotChunks,
@@ -58,6 +59,7 @@ __all__ = [
     "smlm_group",
     "smlm_group_backward",
     "smlm_group_forward",
+    "smlm_group_reference",
     "smlm_reference",
     "token_slots",
 ]

@@ -10,8 +10,9 @@ On a tiny random model whose 8 KV heads split over an 8-way model axis, for the 
 1x8, 2x4 and 8x1 (data x model):
 
 * two unified steps over a paged KV cache (training rows of two adapters, prefill then
-  decode rows of three requests), with the "save" backward on every mesh and the
-  "recompute" one on 2x4, against the single-device "save" steps: outputs, params,
+  decode rows of three requests), with the "save" backward on every mesh, the
+  "recompute" one on 2x4 and the (interpreted) Pallas kernels under ``shard_map`` on 2x4,
+  against the single-device "save" steps on the jnp references: outputs, params,
   optimizer state and KV pools; the layouts the state and cache keep; one compilation;
 * greedy generations of the serving ``Engine`` on 2x4, on the jnp attention references
   and on the (interpreted) Pallas paged-attention kernel, against the single device;
@@ -35,6 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.experimental import pallas as pl
 
 from loqjax import (
     AdapterRegistry,
@@ -109,10 +111,10 @@ ADAPTERS = {
 }
 
 
-def build(mesh=None, attention_impl="auto"):
+def build(mesh=None, kernels="auto"):
     """(model, registry): the same random base with adapters "a" (slot 0) and "b" (slot
     1) loaded, then placed on ``mesh`` if given."""
-    model = CausalLM(CONFIG, rngs=nnx.Rngs(0), attention_impl=attention_impl)
+    model = CausalLM(CONFIG, rngs=nnx.Rngs(0), kernels=kernels)
     add_lora_tables(model, num_slots=NUM_SLOTS, max_rank=MAX_RANK)
     registry = AdapterRegistry(model)
     registry.load("a", ADAPTERS["a"])
@@ -161,10 +163,10 @@ class Trained(NamedTuple):
     state: TrainState
 
 
-def unified_steps(mesh=None, backward="save") -> tuple[dict, Trained]:
+def unified_steps(mesh=None, backward="save", kernels="auto") -> tuple[dict, Trained]:
     """Two unified steps over the KV cache: slot 0 accumulates then applies, slot 1
     applies at once; three requests prefill, then decode."""
-    model, registry = build(mesh)
+    model, registry = build(mesh, kernels)
     graphdef, frozen, params = split_model(model)
     state = TrainState.create(params, OPTIMIZER)
     step = make_unified_step(graphdef, OPTIMIZER, backward=backward)
@@ -351,9 +353,27 @@ class Timer:
         print(f"{name}: {self.seconds[name]:.1f} s", file=sys.stderr, flush=True)
 
 
+def warm_interpreter() -> None:
+    """Lower one interpreted kernel. The first such lowering imports JAX's interpreter
+    modules, which register a config state and so change the tracing context: a step
+    traced before that point and called again after it would compile twice (compiled
+    kernels import nothing at lowering)."""
+
+    def copy(x_ref, o_ref):
+        o_ref[...] = x_ref[...]
+
+    kernel = pl.pallas_call(
+        copy,
+        out_shape=jax.ShapeDtypeStruct((1,), jnp.float32),
+        interpret=True,
+    )
+    jax.jit(kernel).lower(jnp.zeros((1,), jnp.float32))
+
+
 def main(out: str) -> None:
     devices = jax.device_count()
     assert devices == 8, f"needs 8 devices (XLA_FLAGS), got {devices}"
+    warm_interpreter()
     report, timer = {}, Timer()
     with timer("steps single"):
         reference, _ = unified_steps()
@@ -367,6 +387,9 @@ def main(out: str) -> None:
     with timer("recompute steps 2x4"):
         got, _ = unified_steps(make_mesh(2, 4), backward="recompute")
         report["recompute steps 2x4"] = compare_steps(got, reference)
+    with timer("pallas steps 2x4"):  # the (interpreted) kernels, each device on its shard
+        got, _ = unified_steps(make_mesh(2, 4), kernels="pallas")
+        report["pallas steps 2x4"] = compare_steps(got, reference)
     for name, mesh, impl in [
         ("single", None, "auto"),
         ("2x4", make_mesh(2, 4), "auto"),

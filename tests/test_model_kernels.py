@@ -32,7 +32,7 @@ CONFIG = EngineConfig(
 
 
 def _model(impl: str):
-    _, model = load_model(DEFAULT_MODEL, attention_impl=impl)
+    _, model = load_model(DEFAULT_MODEL, kernels=impl)
     add_lora_tables(model, num_slots=2, max_rank=4)
     registry = AdapterRegistry(model)
     adapter = LoraConfig(rank=4, alpha=8.0, seed=3).init_adapter(model)

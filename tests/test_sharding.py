@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 
 TESTS = Path(__file__).parent
-STEP_MESHES = ["steps 1x8", "steps 2x4", "steps 8x1", "recompute steps 2x4"]
-TENSOR_PARALLEL = ["steps 1x8", "steps 2x4", "recompute steps 2x4"]
+STEP_MESHES = ["steps 1x8", "steps 2x4", "steps 8x1", "recompute steps 2x4", "pallas steps 2x4"]
+TENSOR_PARALLEL = ["steps 1x8", "steps 2x4", "recompute steps 2x4", "pallas steps 2x4"]
 MAX_REL_ERR = {"outputs": 1e-5, "cache": 1e-5, "params": 1e-4, "opt": 1e-4}
 
 

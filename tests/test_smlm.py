@@ -82,6 +82,57 @@ def reference_and_grads(x, a, b, base, cotangent, scale, ends, slots, grad_rows,
     return y, grads
 
 
+@functools.partial(jax.jit, static_argnames=("with_base",))
+def reference_vjp(x, a, b, base, cotangent, scale, ends, slots, grad_rows, with_base):
+    """``smlm_and_grads`` on the reference (the path off GPU), ``grad_rows`` and all."""
+
+    def f(x, a, b, base):
+        return smlm_reference(x, a, b, scale, ends, slots, base if with_base else None, grad_rows)
+
+    y, vjp = jax.vjp(f, x, a, b, base)
+    return y, vjp(cotangent)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+@settings(max_examples=8, deadline=None)
+@given(layout=layouts(), with_base=st.booleans())
+def test_reference_path_matches_kernels(dtype, layout, with_base):
+    """The plain-jnp path a model takes off GPU gives the kernels' outputs and gradients
+    in the same dtypes, with the same row cut (``grad_rows``) and base cotangent."""
+    ends, slots, grad_rows, seed = layout
+    x, a, b, base, cotangent, scale = make_operands(seed, *SHAPES[0], dtype)
+    args = (x, a, b, base, cotangent, scale, ends, slots, grad_rows)
+    y, grads = smlm_and_grads(*args, with_base=with_base)
+    y_ref, grads_ref = reference_vjp(*args, with_base=with_base)
+    for name, got, want in zip(
+        ("y", "dx", "da", "db", "dbase"), (y, *grads), (y_ref, *grads_ref), strict=True
+    ):
+        assert want.dtype == got.dtype, name
+        err = rel_err(want, got)
+        assert err < TOLERANCE[dtype], f"{name}: relative error {err:.2e}"
+    assert not np.asarray(grads_ref[0], np.float32)[grad_rows:].any()
+
+
+def test_reference_keeps_non_finite_values_to_their_slot_and_row():
+    """A slot with an infinite weight, and a row with a NaN input, poison their own
+    outputs and gradients only (the kernels read each row's own slot alone)."""
+    x, a, b, base, cotangent, scale = make_operands(0, *SHAPES[0], jnp.float32)
+    ends = jnp.array([10, 20, 30, NUM_ROWS] + [NUM_ROWS] * 4, jnp.int32)
+    slots = jnp.array([0, 1, 2, 1] + [-1] * 4, jnp.int32)
+    a = a.at[0, 3, 1].set(jnp.inf)
+    x = x.at[25].set(jnp.nan)  # a row of slot 2
+    y, (dx, da, db, _) = reference_vjp(
+        x, a, b, base, cotangent, scale, ends, slots, NUM_ROWS, with_base=True
+    )
+    bad_rows = np.zeros(NUM_ROWS, bool)
+    bad_rows[:10] = bad_rows[25] = True
+    finite = np.isfinite(np.asarray(y)).all(axis=1)
+    np.testing.assert_array_equal(finite, ~bad_rows)
+    assert np.isfinite(np.asarray(dx)[~bad_rows]).all()
+    for slot in (1, 3, 4):  # 3 and 4 serve no row
+        assert np.isfinite(np.asarray(da[slot])).all() and np.isfinite(np.asarray(db[slot])).all()
+
+
 def test_interpreter_poisons_outputs():
     """The premise of the 'every element written' checks below."""
     out = pl.pallas_call(
