@@ -230,7 +230,7 @@ class Recorder:
             "peak_mem_gib": peak_gib(self.device),
             **fields,
             **self.common,
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         }
         self.rows.append(row)
         if self.out:

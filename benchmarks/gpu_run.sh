@@ -7,7 +7,8 @@
 # finetune, finetune_schedules, finetune_sync, finetune4_backward, finetune4_recompute,
 # finetune4_saved, finetune4_interleaved, finetune4_memory_report,
 # loss_memory, host_dispatch, finetune_profile,
-# finetune4, inference, peft, unified, unified_rates, unified_serve256, unified_rows2048,
+# finetune4, inference, inference_short, finetune_one, peft, unified, unified_rates,
+# unified_serve256, unified_rows2048,
 # unified_alone_rows, unified_runs, unified_seq512, unified_host, unified_host512,
 # unified_no_requests, scaling, scaling_1gpu, cmdbuf_modes, graph_launch, optimizer_dispatch,
 # finetune_host, finetune_host_same, finetune_host_fixed, finetune_host_nocmdbuf, cmdbuf_types,
@@ -128,6 +129,10 @@ for p in "$@"; do
     finetune_profile) phase finetune_profile 200 python3 benchmarks/bench_finetune.py --adapters 1 --profile --out "$OUT/finetune.jsonl" ;;
     finetune4) phase finetune4 330 python3 benchmarks/bench_finetune.py --adapters 4 --out "$OUT/finetune.jsonl" ;;
     inference) phase inference 200 python3 benchmarks/bench_inference.py --out "$OUT/inference.jsonl" ;;
+    inference_short) phase inference_short 270 python3 benchmarks/bench_inference.py --adapters 1 16 \
+      --out "$OUT/inference_short.jsonl" ;;
+    finetune_one) phase finetune_one 270 python3 benchmarks/bench_finetune.py --adapters 1 --steps 8 \
+      --sync each lagged --out "$OUT/finetune_one.jsonl" ;;
     peft) phase peft 250 python3 benchmarks/bench_peft.py --out "$OUT/peft.jsonl" ;;
     unified) phase unified 570 python3 benchmarks/bench_unified.py \
       --rates 1 2 4 --duration 20 --drain 25 --alone 8 --metrics-dir "$OUT" --out "$OUT/unified.jsonl" ;;
