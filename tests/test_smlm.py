@@ -58,10 +58,13 @@ def make_operands(seed, d_in, rank, d_out, dtype, num_rows=NUM_ROWS):
     return tuple(v.astype(dtype) for v in (x, a, b, base, cotangent)) + (scale,)
 
 
-@functools.partial(jax.jit, static_argnames=("with_base",))
-def smlm_and_grads(x, a, b, base, cotangent, scale, ends, slots, grad_rows, with_base):
+@functools.partial(jax.jit, static_argnames=("with_base", "op"))
+def smlm_and_grads(x, a, b, base, cotangent, scale, ends, slots, grad_rows, with_base, op=smlm):
+    """``op``'s output and VJP: the kernels (``smlm``), or ``smlm_reference`` with its own
+    ``grad_rows`` (the path off GPU)."""
+
     def f(x, a, b, base):
-        return smlm(x, a, b, scale, ends, slots, base if with_base else None, grad_rows)
+        return op(x, a, b, scale, ends, slots, base if with_base else None, grad_rows)
 
     y, vjp = jax.vjp(f, x, a, b, base)
     return y, vjp(cotangent)
@@ -82,17 +85,6 @@ def reference_and_grads(x, a, b, base, cotangent, scale, ends, slots, grad_rows,
     return y, grads
 
 
-@functools.partial(jax.jit, static_argnames=("with_base",))
-def reference_vjp(x, a, b, base, cotangent, scale, ends, slots, grad_rows, with_base):
-    """``smlm_and_grads`` on the reference (the path off GPU), ``grad_rows`` and all."""
-
-    def f(x, a, b, base):
-        return smlm_reference(x, a, b, scale, ends, slots, base if with_base else None, grad_rows)
-
-    y, vjp = jax.vjp(f, x, a, b, base)
-    return y, vjp(cotangent)
-
-
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
 @settings(max_examples=8, deadline=None)
 @given(layout=layouts(), with_base=st.booleans())
@@ -103,7 +95,7 @@ def test_reference_path_matches_kernels(dtype, layout, with_base):
     x, a, b, base, cotangent, scale = make_operands(seed, *SHAPES[0], dtype)
     args = (x, a, b, base, cotangent, scale, ends, slots, grad_rows)
     y, grads = smlm_and_grads(*args, with_base=with_base)
-    y_ref, grads_ref = reference_vjp(*args, with_base=with_base)
+    y_ref, grads_ref = smlm_and_grads(*args, with_base=with_base, op=smlm_reference)
     for name, got, want in zip(
         ("y", "dx", "da", "db", "dbase"), (y, *grads), (y_ref, *grads_ref), strict=True
     ):
@@ -121,9 +113,8 @@ def test_reference_keeps_non_finite_values_to_their_slot_and_row():
     slots = jnp.array([0, 1, 2, 1] + [-1] * 4, jnp.int32)
     a = a.at[0, 3, 1].set(jnp.inf)
     x = x.at[25].set(jnp.nan)  # a row of slot 2
-    y, (dx, da, db, _) = reference_vjp(
-        x, a, b, base, cotangent, scale, ends, slots, NUM_ROWS, with_base=True
-    )
+    args = (x, a, b, base, cotangent, scale, ends, slots, NUM_ROWS)
+    y, (dx, da, db, _) = smlm_and_grads(*args, with_base=True, op=smlm_reference)
     bad_rows = np.zeros(NUM_ROWS, bool)
     bad_rows[:10] = bad_rows[25] = True
     finite = np.isfinite(np.asarray(y)).all(axis=1)
