@@ -84,7 +84,10 @@ unified_four_rates() {  # unified_four_rates NAME METRICS_DIR [BENCH_UNIFIED_FLA
 for p in "$@"; do
   case $p in
     info) phase info 60 bash -c "nvidia-smi; python3 -c 'import jax, flax, optax; print(jax.__version__, jax.devices(), flax.__version__, optax.__version__)'" ;;
-    tests) phase tests 180 env JAX_DEFAULT_MATMUL_PRECISION=highest python3 -m pytest -x -q -p no:cacheprovider \
+    # The tests leave XLA a quarter of the card: at 0.92, on an H100, a CUDA graph of the
+    # float32 flash-attention test failed to instantiate for lack of memory (RESULTS run 69).
+    tests) phase tests 180 env JAX_DEFAULT_MATMUL_PRECISION=highest XLA_PYTHON_CLIENT_MEM_FRACTION=0.75 \
+      python3 -m pytest -x -q -p no:cacheprovider \
       -m gpu tests/test_smlm.py tests/test_lora_split.py tests/test_flash_attention.py tests/test_paged_attention_kernel.py ;;
     e2e) phase e2e 240 env JAX_DEFAULT_MATMUL_PRECISION=highest python3 -m pytest -x -q -p no:cacheprovider \
       tests/test_model_kernels.py "tests/test_engine.py::test_greedy_matches_transformers_and_peft" ;;
