@@ -84,7 +84,7 @@ unified_four_rates() {  # unified_four_rates NAME METRICS_DIR [BENCH_UNIFIED_FLA
 for p in "$@"; do
   case $p in
     info) phase info 60 bash -c "nvidia-smi; python3 -c 'import jax, flax, optax; print(jax.__version__, jax.devices(), flax.__version__, optax.__version__)'" ;;
-    # The tests leave XLA a quarter of the card: at 0.92, on an H100, a CUDA graph of the
+    # The tests leave a quarter of the card outside XLA's pool: at 0.92, on an H100, a CUDA graph of the
     # float32 flash-attention test failed to instantiate for lack of memory (RESULTS run 69).
     tests) phase tests 180 env JAX_DEFAULT_MATMUL_PRECISION=highest XLA_PYTHON_CLIENT_MEM_FRACTION=0.75 \
       python3 -m pytest -x -q -p no:cacheprovider \
